@@ -1,0 +1,206 @@
+"""Multi-head attention: Linformer (low-rank keys/values) and ordinary full softmax attention.
+
+Linformer head i (arXiv 2006.04768, Eq. 7):
+
+    head_i = softmax( Q W_i^Q (E_i K W_i^K)^T / sqrt(d_h) ) · F_i V W_i^V
+
+where E_i, F_i ∈ R^{k×n} project the n keys/values down to k positions (``SeqProjection``). Sharing
+(Sec. 4): ``none`` = own E_i, F_i per head; ``headwise`` = one E, one F per layer; ``kv`` = one matrix per
+layer used as both E and F; ``layerwise`` = one matrix for the whole network, passed in as
+``shared_projection``.
+
+Padding: rows of K and V at padded positions (mask False) are zeroed before the projection, so outputs at
+real tokens depend neither on the content of padded positions nor on how much padding follows.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from linformer_jax._validate import check_choice, check_int, check_length, check_mask, check_rate
+from linformer_jax.layers.projections import PROJECTIONS, SeqProjection
+
+SHARING = ("none", "headwise", "kv", "layerwise")
+
+
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: Optional[jax.Array] = None,
+                      is_causal: bool = False, dropout_rate: float = 0.0,
+                      dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+  """softmax(q kᵀ / sqrt(d)) v per head.
+
+  q: (batch, t, heads, d); k, v: (batch, s, heads, d); key_mask: (batch, s) bool, True = attend.
+  Without dropout this is the fused ``jax.nn.dot_product_attention``; attention-weight dropout needs the
+  weights, so then it is written out.
+  """
+  mask = None if key_mask is None else key_mask[:, None, None, :]
+  if dropout_rate == 0.0 or dropout_rng is None:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+  logits = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+  big_neg = jnp.finfo(logits.dtype).min
+  if mask is not None:
+    logits = jnp.where(mask, logits, big_neg)
+  if is_causal:
+    t, s = logits.shape[-2:]
+    logits = jnp.where(jnp.tril(jnp.ones((t, s), bool)), logits, big_neg)
+  weights = jax.nn.softmax(logits, axis=-1)
+  keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+  weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0).astype(v.dtype)
+  return jnp.einsum("bhts,bshd->bthd", weights, v)
+
+
+class _MultiHead(nn.Module):
+  """Shared pieces: per-head Q/K/V maps (no bias) and the output map W^O (with bias).
+
+  Attributes:
+    num_heads: number of heads h.
+    head_dim: width d_h of each head; None = input dim // num_heads.
+    out_dim: output width; None = input width.
+    w_o_intermediate_dim: None = W^O is one (h·d_h → out) map; an int w = two maps h·d_h → w → out with no
+      nonlinearity between (linformer-pytorch's ``w_o_intermediate_dim``).
+    attention_dropout: dropout on the attention weights (train mode only).
+  """
+  num_heads: int
+  head_dim: Optional[int] = None
+  out_dim: Optional[int] = None
+  w_o_intermediate_dim: Optional[int] = None
+  attention_dropout: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def _check_common(self):
+    check_int("num_heads", self.num_heads, minimum=1)
+    check_int("head_dim", self.head_dim, minimum=1, allow_none=True)
+    check_int("out_dim", self.out_dim, minimum=1, allow_none=True)
+    check_int("w_o_intermediate_dim", self.w_o_intermediate_dim, minimum=1, allow_none=True)
+    check_rate("attention_dropout", self.attention_dropout)
+
+  def _head_dim(self, dim: int) -> int:
+    if self.head_dim is not None:
+      return self.head_dim
+    if dim % self.num_heads:
+      raise ValueError(f"dim={dim} is not divisible by num_heads={self.num_heads}; "
+                       "set head_dim explicitly or choose num_heads dividing dim.")
+    return dim // self.num_heads
+
+  def _dense(self, features, name, axis=-1, use_bias=False):
+    return nn.DenseGeneral(features, axis=axis, use_bias=use_bias, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name=name)
+
+  def _qkv(self, x, context):
+    """x: (b, t, dim) → q (b, t, h, d_h); context: (b, s, dim_c) → k, v (b, s, h, d_h)."""
+    feats = (self.num_heads, self._head_dim(x.shape[-1]))
+    q = checkpoint_name(self._dense(feats, "query")(x), "query")
+    k = checkpoint_name(self._dense(feats, "key")(context), "key")
+    v = checkpoint_name(self._dense(feats, "value")(context), "value")
+    return q, k, v
+
+  def _out(self, o, dim):
+    """o: (b, t, h, d_h) → (b, t, out_dim)."""
+    out_dim = self.out_dim or dim
+    if self.w_o_intermediate_dim is None:
+      return self._dense(out_dim, "out", axis=(-2, -1), use_bias=True)(o)
+    o = self._dense(self.w_o_intermediate_dim, "out_1", axis=(-2, -1), use_bias=True)(o)
+    return self._dense(out_dim, "out_2", use_bias=True)(o)
+
+  def _dropout_rng(self, deterministic):
+    if deterministic or self.attention_dropout == 0.0:
+      return None
+    return self.make_rng("dropout")
+
+  def _inputs(self, x, context, mask):
+    if x.ndim != 3:
+      raise ValueError(f"x must have shape (batch, n, dim), got {x.shape}.")
+    context = x if context is None else context
+    if context.ndim != 3 or context.shape[0] != x.shape[0]:
+      raise ValueError(f"context must have shape (batch={x.shape[0]}, n, dim), got {context.shape}.")
+    check_mask(mask, context.shape[0], context.shape[1])
+    return context
+
+
+class FullSelfAttention(_MultiHead):
+  """Ordinary multi-head softmax attention (O(n²)), via ``jax.nn.dot_product_attention``.
+
+  Attributes (besides those of ``_MultiHead``):
+    causal: position i attends only to positions <= i.
+  Call: ``(x, context=None, mask=None, deterministic=True)``; x (batch, t, dim) queries; context
+  (batch, s, dim_c) keys/values (default x); mask (batch, s) bool over keys, True = real token.
+  Returns (batch, t, out_dim).
+  """
+  causal: bool = False
+
+  def __post_init__(self):
+    self._check_common()
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x, context=None, mask=None, deterministic: bool = True):
+    context = self._inputs(x, context, mask)
+    q, k, v = self._qkv(x, context)
+    o = softmax_attention(q, k, v, key_mask=mask, is_causal=self.causal,
+                          dropout_rate=self.attention_dropout,
+                          dropout_rng=self._dropout_rng(deterministic))
+    return self._out(o, x.shape[-1])
+
+
+class LinformerSelfAttention(_MultiHead):
+  """Linformer multi-head attention: keys/values projected from n to k along the sequence (Eq. 7).
+
+  Attributes (besides those of ``_MultiHead``):
+    max_len: largest key/value length n (E, F are built for it).
+    k: projected length.
+    sharing: "none" | "headwise" | "kv" | "layerwise" (the last needs ``shared_projection``).
+    projection: "learnable" | "conv" | "mean_pool" | "max_pool" | "fixed" (see ``SeqProjection``).
+    projection_bias: bias on E/F (linformer-pytorch compatibility; the paper has none).
+    shared_projection: the network-wide ``SeqProjection`` used as E and F when sharing="layerwise".
+  Call: ``(x, context=None, mask=None, deterministic=True)``; x (batch, t, dim) queries; context
+  (batch, n, dim_c) keys/values (default x, i.e. self-attention), n <= max_len; mask (batch, n) bool,
+  True = real token. Returns (batch, t, out_dim).
+  """
+  max_len: int = 512
+  k: int = 128
+  sharing: str = "none"
+  projection: str = "learnable"
+  projection_bias: bool = False
+  shared_projection: Optional[nn.Module] = None
+
+  def __post_init__(self):
+    self._check_common()
+    check_choice("sharing", self.sharing, SHARING)
+    check_choice("projection", self.projection, PROJECTIONS)
+    check_int("max_len", self.max_len, minimum=1)
+    check_int("k", self.k, minimum=1, maximum=self.max_len)
+    if self.sharing == "layerwise" and self.shared_projection is None:
+      raise ValueError("sharing='layerwise' needs shared_projection (the network-wide E=F); the Linformer "
+                       "encoder passes it. Standalone layers use sharing 'none', 'headwise' or 'kv'.")
+    super().__post_init__()
+
+  def _projections(self):
+    make = lambda name, heads=None: SeqProjection(
+        self.max_len, self.k, self.projection, num_heads=heads, use_bias=self.projection_bias,
+        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    if self.sharing == "layerwise":
+      return self.shared_projection, self.shared_projection
+    if self.sharing == "kv":
+      e = make("EF")
+      return e, e
+    heads = self.num_heads if self.sharing == "none" else None
+    return make("E", heads), make("F", heads)
+
+  @nn.compact
+  def __call__(self, x, context=None, mask=None, deterministic: bool = True):
+    context = self._inputs(x, context, mask)
+    check_length("context" if context is not x else "x", context.shape[1], self.max_len)
+    q, k, v = self._qkv(x, context)
+    if mask is not None:  # zero padded K, V rows before the projection
+      keep = mask[:, :, None, None]
+      k, v = jnp.where(keep, k, 0), jnp.where(keep, v, 0)
+    proj_e, proj_f = self._projections()
+    k_bar = checkpoint_name(proj_e(k), "k_bar")  # (b, k, h, d_h)
+    v_bar = checkpoint_name(proj_f(v), "v_bar")
+    o = softmax_attention(q, k_bar, v_bar, dropout_rate=self.attention_dropout,
+                          dropout_rng=self._dropout_rng(deterministic))
+    return self._out(o, x.shape[-1])

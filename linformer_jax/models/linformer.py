@@ -1,0 +1,438 @@
+"""Linformer models (Wang et al. 2020, arXiv 2006.04768): encoder, masked LM, classifier, encoder–decoder.
+
+Parameter tree of ``Linformer`` (names are stable; converters and checkpoints rely on them):
+
+    EF                      network-wide projection (sharing="layerwise" only)
+    layer_{i}/attention     query, key, value (kernel (dim, h, d_h)), out (kernel (h, d_h, dim), bias),
+                            E, F (sharing none/headwise) or EF (kv): kernel (h?, max_len, k_i) [, bias]
+    layer_{i}/ln_attention  LayerNorm of the attention sub-layer
+    layer_{i}/ff            wi, wo (Dense)
+    layer_{i}/ln_ff         LayerNorm of the feed-forward sub-layer
+    ln_final                final LayerNorm (norm="pre" only)
+
+The fixed random projection (projection="fixed") lives in the ``"constants"`` collection under the same path.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from linformer_jax._validate import (check_bool, check_choice, check_int, check_length, check_mask,
+                                     check_rate)
+from linformer_jax.layers.attention import SHARING, FullSelfAttention, LinformerSelfAttention
+from linformer_jax.layers.embeddings import POS_EMBS, TokenEmbedder
+from linformer_jax.layers.mlp import ACTIVATIONS, FeedForward
+from linformer_jax.layers.projections import CONSTANTS, PROJECTIONS, SeqProjection
+
+ATTENTIONS = ("linformer", "full")
+NORMS = ("pre", "post")
+REMAT_LEVELS = ("C0",)  # C1/C2 arrive with the remat issue
+
+CAUSAL_ERROR = (
+    "causal=True is not supported with attention='linformer': the projection E·K mixes all n positions "
+    "into every one of the k projected keys, so position i would see tokens after i. linformer-pytorch's "
+    "n×k 'causal' mask does not prevent this (changing the last token moves the output at position 0 by "
+    "≈0.1). Use attention='full' for an exactly causal stack (e.g. a decoder); an exactly causal Linformer "
+    "is future work.")
+
+
+class _Block(nn.Module):
+  """One layer: attention sub-layer and (optionally) feed-forward sub-layer, pre- or post-LN.
+
+  pre:  x ← x + Drop(Attn(LN(x)));  x ← x + Drop(FF(LN(x)))
+  post: x ← LN(x + Drop(Attn(x)));  x ← LN(x + Drop(FF(x)))   (linformer-pytorch, RoBERTa)
+  """
+  attention_kwargs: Any  # dict of LinformerSelfAttention / FullSelfAttention fields
+  attention: str = "linformer"
+  shared_projection: Optional[nn.Module] = None
+  dim_ff: int = 1024
+  include_ff: bool = True
+  norm: str = "pre"
+  activation: str = "gelu"
+  dropout: float = 0.0
+  layer_norm_eps: float = 1e-5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def _sublayer(self, x, fn, name, deterministic):
+    ln = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                      name=f"ln_{name}")
+    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    if self.norm == "pre":
+      return x + drop(fn(ln(x)))
+    return ln(x + drop(fn(x)))
+
+  @nn.compact
+  def __call__(self, x, mask=None, deterministic: bool = True):
+    kw = dict(self.attention_kwargs, dtype=self.dtype, param_dtype=self.param_dtype, name="attention")
+    if self.attention == "linformer":
+      attn = LinformerSelfAttention(shared_projection=self.shared_projection, **kw)
+    else:
+      attn = FullSelfAttention(**kw)
+    x = self._sublayer(x, lambda h: attn(h, mask=mask, deterministic=deterministic), "attention",
+                       deterministic)
+    if self.include_ff:
+      ff = FeedForward(self.dim_ff, self.activation, self.dropout, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name="ff")
+      x = self._sublayer(x, lambda h: ff(h, deterministic=deterministic), "ff", deterministic)
+    return x
+
+
+class LinformerFields(nn.Module):
+  """The encoder's hyper-parameters, shared by ``Linformer`` and the models built on it.
+
+  Attributes:
+    max_len: largest sequence length n (E/F are (max_len × k)).
+    dim: model width.
+    depth: number of layers.
+    num_heads: attention heads per layer.
+    k: projected length of keys/values (layer 0; see k_reduce_by_layer).
+    dim_ff: feed-forward hidden width; None = 4·dim.
+    head_dim: width per head; None = dim // num_heads (dim must then be divisible by num_heads).
+    sharing: "none" (E_i, F_i per head per layer) | "headwise" (one E, one F per layer) |
+      "kv" (one matrix per layer for K and V) | "layerwise" (one matrix for the whole network).
+    projection: "learnable" | "conv" | "mean_pool" | "max_pool" | "fixed".
+    projection_bias: bias on E/F (linformer-pytorch compatibility).
+    k_reduce_by_layer: r; layer i projects to k_i = max(1, k - i·r) (paper Sec. 4, nonuniform k).
+    attention: "linformer" | "full" (ordinary softmax attention, same block).
+    norm: "pre" (pre-LN with a final LayerNorm) | "post" (post-LN, as linformer-pytorch; no final LN).
+    activation: "gelu" (exact) | "relu" in the feed-forward.
+    include_ff: whether each layer has a feed-forward sub-layer.
+    w_o_intermediate_dim: None, or w for a two-matrix output projection h·d_h → w → dim.
+    dropout: dropout on sub-layer outputs and inside the feed-forward.
+    attention_dropout: dropout on the attention weights.
+    causal: only with attention="full" (a Linformer cannot be causal, see ``CAUSAL_ERROR``).
+    remat: checkpoint level; only "C0" (no rematerialisation) for now.
+    layer_norm_eps: LayerNorm epsilon (1e-5 as PyTorch).
+  """
+  max_len: int
+  dim: int
+  depth: int
+  num_heads: int
+  k: int
+  dim_ff: Optional[int] = None
+  head_dim: Optional[int] = None
+  sharing: str = "none"
+  projection: str = "learnable"
+  projection_bias: bool = False
+  k_reduce_by_layer: int = 0
+  attention: str = "linformer"
+  norm: str = "pre"
+  activation: str = "gelu"
+  include_ff: bool = True
+  w_o_intermediate_dim: Optional[int] = None
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  causal: bool = False
+  remat: str = "C0"
+  layer_norm_eps: float = 1e-5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    self._validate()
+    super().__post_init__()
+
+  def _validate(self):
+    check_int("max_len", self.max_len, minimum=1)
+    check_int("dim", self.dim, minimum=1)
+    check_int("depth", self.depth, minimum=1)
+    check_int("num_heads", self.num_heads, minimum=1)
+    check_int("dim_ff", self.dim_ff, minimum=1, allow_none=True)
+    check_int("head_dim", self.head_dim, minimum=1, allow_none=True)
+    check_int("w_o_intermediate_dim", self.w_o_intermediate_dim, minimum=1, allow_none=True)
+    check_int("k_reduce_by_layer", self.k_reduce_by_layer, minimum=0)
+    check_choice("sharing", self.sharing, SHARING)
+    check_choice("projection", self.projection, PROJECTIONS)
+    check_choice("attention", self.attention, ATTENTIONS)
+    check_choice("norm", self.norm, NORMS)
+    check_choice("activation", self.activation, tuple(ACTIVATIONS))
+    check_choice("remat", self.remat, REMAT_LEVELS)
+    for flag in ("projection_bias", "include_ff", "causal"):
+      check_bool(flag, getattr(self, flag))
+    check_rate("dropout", self.dropout)
+    check_rate("attention_dropout", self.attention_dropout)
+    check_int("k", self.k, minimum=1)
+    if self.attention == "linformer" and self.k > self.max_len:
+      raise ValueError(f"k={self.k} exceeds max_len={self.max_len}; the projection maps n <= max_len "
+                       f"positions to k, so k must be in [1, max_len].")
+    if self.head_dim is None and self.dim % self.num_heads:
+      raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}; set head_dim "
+                       "explicitly or choose num_heads dividing dim.")
+    if self.sharing == "layerwise" and self.k_reduce_by_layer:
+      raise ValueError(f"k_reduce_by_layer={self.k_reduce_by_layer} cannot be used with "
+                       "sharing='layerwise': one matrix shared by all layers has a single k. Use "
+                       "sharing 'none', 'headwise' or 'kv', or k_reduce_by_layer=0.")
+    if self.causal and self.attention == "linformer":
+      raise ValueError(CAUSAL_ERROR)
+
+  def encoder_fields(self) -> dict:
+    """The LinformerFields of this module as a dict (to build a ``Linformer`` from a wrapper)."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(LinformerFields)
+            if f.name not in ("parent", "name")}
+
+  def k_per_layer(self) -> list[int]:
+    """k_i = max(1, k - i·k_reduce_by_layer) for i = 0 … depth-1."""
+    return [max(1, self.k - i * self.k_reduce_by_layer) for i in range(self.depth)]
+
+
+class Linformer(LinformerFields):
+  """The Linformer encoder stack.
+
+  Call: ``(x, mask=None, deterministic=True)``; x (batch, n, dim) float, n <= max_len; mask (batch, n) bool,
+  True = real token. Returns (batch, n, dim). ``deterministic=False`` enables dropout (rng "dropout").
+  """
+
+  def _check_inputs(self, x, mask):
+    if x.ndim != 3 or x.shape[-1] != self.dim:
+      raise ValueError(f"x must have shape (batch, n, dim={self.dim}), got {x.shape}.")
+    check_length("x", x.shape[1], self.max_len)
+    check_mask(mask, x.shape[0], x.shape[1])
+
+  def _layer(self, i, k_i, shared, **overrides):
+    attention_kwargs = dict(num_heads=self.num_heads, head_dim=self.head_dim,
+                            w_o_intermediate_dim=self.w_o_intermediate_dim,
+                            attention_dropout=self.attention_dropout)
+    if self.attention == "linformer":
+      attention_kwargs.update(max_len=self.max_len, k=k_i, sharing=self.sharing,
+                              projection=self.projection, projection_bias=self.projection_bias)
+    else:
+      attention_kwargs.update(causal=self.causal)
+    return _Block(attention_kwargs, attention=self.attention, shared_projection=shared,
+                  dim_ff=self.dim_ff or 4 * self.dim, include_ff=self.include_ff, norm=self.norm,
+                  activation=self.activation, dropout=self.dropout, layer_norm_eps=self.layer_norm_eps,
+                  dtype=self.dtype, param_dtype=self.param_dtype, name=f"layer_{i}", **overrides)
+
+  def _shared_projection(self):
+    if self.sharing != "layerwise" or self.attention != "linformer":
+      return None
+    return SeqProjection(self.max_len, self.k, self.projection, use_bias=self.projection_bias,
+                         dtype=self.dtype, param_dtype=self.param_dtype, name="EF")
+
+  @nn.compact
+  def __call__(self, x, mask=None, deterministic: bool = True):
+    self._check_inputs(x, mask)
+    shared = self._shared_projection()
+    for i, k_i in enumerate(self.k_per_layer()):
+      x = self._layer(i, k_i, shared)(x, mask, deterministic)
+    if self.norm == "pre":
+      x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="ln_final")(x)
+    return x
+
+
+class LinformerLM(LinformerFields, kw_only=True):
+  """Token + position embedding → ``Linformer`` → vocabulary logits (masked-LM use).
+
+  Attributes (besides ``LinformerFields``): vocab_size; pos_emb "learned" | "sinusoidal";
+  tie_embeddings: logits through the transposed token embedding instead of a separate head.
+  Call: ``(tokens, mask=None, deterministic=True)``; tokens (batch, n) int; mask (batch, n) bool.
+  Returns logits (batch, n, vocab_size).
+  """
+  vocab_size: int
+  pos_emb: str = "learned"
+  tie_embeddings: bool = False
+
+  def __post_init__(self):
+    check_choice("pos_emb", self.pos_emb, POS_EMBS)
+    check_bool("tie_embeddings", self.tie_embeddings)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, tokens, mask=None, deterministic: bool = True):
+    embed = TokenEmbedder(self.vocab_size, self.dim, self.max_len, self.pos_emb, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name="embed")
+    x = nn.Dropout(self.dropout)(embed(tokens), deterministic=deterministic)
+    x = Linformer(**self.encoder_fields(), name="encoder")(x, mask, deterministic)
+    if self.tie_embeddings:
+      return embed.attend(x)
+    return nn.Dense(self.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x)
+
+
+class LinformerClassifier(LinformerFields, kw_only=True):
+  """Sequence classifier: (embedding →) ``Linformer`` → CLS or masked-mean pooling → MLP head → logits.
+
+  Attributes (besides ``LinformerFields``):
+    num_classes: number of classes.
+    vocab_size: int = inputs are token ids (batch, n) embedded with a ``TokenEmbedder``; None = inputs are
+      already vectors (batch, n, dim).
+    pool: "cls" (a learned CLS vector is prepended, so the encoder is built for max_len + 1 positions) |
+      "mean" (mean over real tokens).
+    mlp_dim: hidden width of the head Dense(mlp_dim) → activation → Dense(num_classes); None = dim.
+    pos_emb: "learned" | "sinusoidal" (token inputs only).
+  Call: ``(inputs, mask=None, deterministic=True)``; returns logits (batch, num_classes).
+  """
+  num_classes: int
+  vocab_size: Optional[int] = None
+  pool: str = "cls"
+  mlp_dim: Optional[int] = None
+  pos_emb: str = "learned"
+
+  def __post_init__(self):
+    check_int("num_classes", self.num_classes, minimum=1)
+    check_int("vocab_size", self.vocab_size, minimum=1, allow_none=True)
+    check_int("mlp_dim", self.mlp_dim, minimum=1, allow_none=True)
+    check_choice("pool", self.pool, ("cls", "mean"))
+    check_choice("pos_emb", self.pos_emb, POS_EMBS)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, inputs, mask=None, deterministic: bool = True):
+    b, n = inputs.shape[:2]
+    check_length("inputs", n, self.max_len)
+    check_mask(mask, b, n)
+    if self.vocab_size is not None:
+      x = TokenEmbedder(self.vocab_size, self.dim, self.max_len, self.pos_emb, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="embed")(inputs)
+    else:
+      x = inputs
+    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    fields = self.encoder_fields()
+    if self.pool == "cls":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, self.dim), self.param_dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.dim)).astype(x.dtype), x], axis=1)
+      mask = None if mask is None else jnp.concatenate([jnp.ones((b, 1), bool), mask], axis=1)
+      fields["max_len"] = self.max_len + 1
+      fields["k"] = min(self.k, fields["max_len"])
+    h = Linformer(**fields, name="encoder")(x, mask, deterministic)
+    if self.pool == "cls":
+      pooled = h[:, 0]
+    else:
+      w = jnp.ones((b, n), h.dtype) if mask is None else mask.astype(h.dtype)
+      pooled = jnp.einsum("bn,bnd->bd", w, h) / jnp.maximum(w.sum(1, keepdims=True), 1.0)
+    dense = lambda n_out, name: nn.Dense(n_out, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    pooled = ACTIVATIONS[self.activation](dense(self.mlp_dim or self.dim, "pre_logits")(pooled))
+    return dense(self.num_classes, "head")(pooled)
+
+
+class _DecoderBlock(nn.Module):
+  """Causal full self-attention → Linformer cross-attention over the encoder output → feed-forward."""
+  self_attention_kwargs: Any
+  cross_attention_kwargs: Any
+  shared_projection: Optional[nn.Module] = None
+  dim_ff: int = 1024
+  include_ff: bool = True
+  norm: str = "pre"
+  activation: str = "gelu"
+  dropout: float = 0.0
+  layer_norm_eps: float = 1e-5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  _sublayer = _Block._sublayer
+
+  @nn.compact
+  def __call__(self, y, enc, tgt_mask=None, src_mask=None, deterministic: bool = True):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self_attn = FullSelfAttention(causal=True, **self.self_attention_kwargs, **kw, name="self_attention")
+    cross = LinformerSelfAttention(shared_projection=self.shared_projection, **self.cross_attention_kwargs,
+                                   **kw, name="cross_attention")
+    y = self._sublayer(y, lambda h: self_attn(h, mask=tgt_mask, deterministic=deterministic),
+                       "self_attention", deterministic)
+    y = self._sublayer(y, lambda h: cross(h, context=enc, mask=src_mask, deterministic=deterministic),
+                       "cross_attention", deterministic)
+    if self.include_ff:
+      ff = FeedForward(self.dim_ff, self.activation, self.dropout, **kw, name="ff")
+      y = self._sublayer(y, lambda h: ff(h, deterministic=deterministic), "ff", deterministic)
+    return y
+
+
+class LinformerEncDec(LinformerFields, kw_only=True):
+  """Encoder–decoder: Linformer encoder; decoder layers = causal full self-attention + Linformer
+  cross-attention over the encoder output (with the encoder mask) + feed-forward; teacher-forced logits.
+
+  Attributes (besides ``LinformerFields``, which configure the encoder and the decoder's cross-attention):
+    vocab_size: source vocabulary; target_vocab_size: None = vocab_size.
+    max_target_len: None = max_len. decoder_depth: None = depth. pos_emb: "learned" | "sinusoidal".
+  Call: ``(src, tgt_in, src_mask=None, tgt_mask=None, deterministic=True)``; src (batch, n) int,
+  tgt_in (batch, m) int = the target shifted right (``shift_right``); masks bool, True = real token.
+  Returns logits (batch, m, target_vocab_size).
+  """
+  vocab_size: int
+  target_vocab_size: Optional[int] = None
+  max_target_len: Optional[int] = None
+  decoder_depth: Optional[int] = None
+  pos_emb: str = "learned"
+
+  def __post_init__(self):
+    check_int("vocab_size", self.vocab_size, minimum=1)
+    check_int("target_vocab_size", self.target_vocab_size, minimum=1, allow_none=True)
+    check_int("max_target_len", self.max_target_len, minimum=1, allow_none=True)
+    check_int("decoder_depth", self.decoder_depth, minimum=1, allow_none=True)
+    check_choice("pos_emb", self.pos_emb, POS_EMBS)
+    super().__post_init__()
+
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.src_embed = TokenEmbedder(self.vocab_size, self.dim, self.max_len, self.pos_emb, **kw)
+    self.tgt_embed = TokenEmbedder(self.target_vocab_size or self.vocab_size, self.dim,
+                                   self.max_target_len or self.max_len, self.pos_emb, **kw)
+    self.encoder = Linformer(**self.encoder_fields())
+    depth = self.decoder_depth or self.depth
+    self.decoder_EF = (SeqProjection(self.max_len, self.k, self.projection, use_bias=self.projection_bias,
+                                     **kw) if self.sharing == "layerwise" else None)
+    heads = dict(num_heads=self.num_heads, head_dim=self.head_dim,
+                 w_o_intermediate_dim=self.w_o_intermediate_dim, attention_dropout=self.attention_dropout)
+    self.decoder_layers = [
+        _DecoderBlock(heads, dict(heads, max_len=self.max_len, k=max(1, self.k - i * self.k_reduce_by_layer),
+                                  sharing=self.sharing, projection=self.projection,
+                                  projection_bias=self.projection_bias),
+                      shared_projection=self.decoder_EF, dim_ff=self.dim_ff or 4 * self.dim,
+                      include_ff=self.include_ff, norm=self.norm, activation=self.activation,
+                      dropout=self.dropout, layer_norm_eps=self.layer_norm_eps, **kw)
+        for i in range(depth)]
+    self.decoder_ln = nn.LayerNorm(epsilon=self.layer_norm_eps, **kw) if self.norm == "pre" else None
+    self.logits = nn.Dense(self.target_vocab_size or self.vocab_size, **kw)
+    self.drop = nn.Dropout(self.dropout)
+
+  def encode(self, src, src_mask=None, deterministic: bool = True):
+    """src (batch, n) int → encoder output (batch, n, dim)."""
+    x = self.drop(self.src_embed(src), deterministic=deterministic)
+    return self.encoder(x, src_mask, deterministic)
+
+  def decode(self, enc, tgt_in, src_mask=None, tgt_mask=None, deterministic: bool = True):
+    """Encoder output (batch, n, dim) and target prefix tokens (batch, m) → logits (batch, m, vocab)."""
+    check_mask(tgt_mask, tgt_in.shape[0], tgt_in.shape[1], "tgt_mask")
+    y = self.drop(self.tgt_embed(tgt_in), deterministic=deterministic)
+    for layer in self.decoder_layers:
+      y = layer(y, enc, tgt_mask, src_mask, deterministic)
+    if self.decoder_ln is not None:
+      y = self.decoder_ln(y)
+    return self.logits(y)
+
+  def __call__(self, src, tgt_in, src_mask=None, tgt_mask=None, deterministic: bool = True):
+    enc = self.encode(src, src_mask, deterministic)
+    return self.decode(enc, tgt_in, src_mask, tgt_mask, deterministic)
+
+
+def shift_right(tokens: jax.Array, bos_id: int = 0) -> jax.Array:
+  """Teacher-forcing decoder input: (batch, m) → [bos, t_0, …, t_{m-2}]."""
+  return jnp.pad(tokens, ((0, 0), (1, 0)), constant_values=bos_id)[:, :-1]
+
+
+def count_projection_matrices(variables) -> int:
+  """Number of distinct E/F matrices (or conv kernels) in a Linformer variable tree.
+
+  Counts each projection node named E, F, EF or decoder_EF (in "params" or "constants"): a learnable/fixed
+  ``kernel`` is (max_len, k) or per head (h, max_len, k); a conv ``conv_kernel`` is (s, d, d) or per head
+  (h, s, d, d). A per-head kernel counts once per head. Pooling projections have no matrices.
+  """
+  total = 0
+
+  def visit(tree, parent_name):
+    nonlocal total
+    for name, sub in tree.items():
+      if hasattr(sub, "items"):
+        visit(sub, name)
+      elif parent_name in ("E", "F", "EF", "decoder_EF") and name in ("kernel", "conv_kernel"):
+        shared_rank = 2 if name == "kernel" else 3
+        total += 1 if sub.ndim == shared_rank else sub.shape[0]
+
+  for collection in ("params", CONSTANTS):
+    if collection in variables:
+      visit(variables[collection], collection)
+  return total
