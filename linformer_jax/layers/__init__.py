@@ -1,10 +1,10 @@
 """Layers: attention variants, sequence projections, feed-forward, embeddings."""
 from linformer_jax.layers.attention import (SHARING, FullSelfAttention, LinformerSelfAttention,
-                                            softmax_attention)
+                                            attention_weights, softmax_attention)
 from linformer_jax.layers.embeddings import POS_EMBS, TokenEmbedder, sinusoidal_positions
 from linformer_jax.layers.mlp import ACTIVATIONS, FeedForward
 from linformer_jax.layers.projections import CONSTANTS, PROJECTIONS, SeqProjection, pool_window
 
-__all__ = ["SHARING", "FullSelfAttention", "LinformerSelfAttention", "softmax_attention", "POS_EMBS",
+__all__ = ["SHARING", "FullSelfAttention", "LinformerSelfAttention", "softmax_attention", "attention_weights", "POS_EMBS",
            "TokenEmbedder", "sinusoidal_positions", "ACTIVATIONS", "FeedForward", "CONSTANTS",
            "PROJECTIONS", "SeqProjection", "pool_window"]

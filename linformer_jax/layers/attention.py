@@ -27,29 +27,39 @@ from linformer_jax.layers.projections import PROJECTIONS, SeqProjection
 SHARING = ("none", "headwise", "kv", "layerwise")
 
 
-def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: Optional[jax.Array] = None,
-                      is_causal: bool = False, dropout_rate: float = 0.0,
-                      dropout_rng: Optional[jax.Array] = None) -> jax.Array:
-  """softmax(q kᵀ / sqrt(d)) v per head.
-
-  q: (batch, t, heads, d); k, v: (batch, s, heads, d); key_mask: (batch, s) bool, True = attend.
-  Without dropout this is the fused ``jax.nn.dot_product_attention``; attention-weight dropout needs the
-  weights, so then it is written out.
-  """
-  mask = None if key_mask is None else key_mask[:, None, None, :]
-  if dropout_rate == 0.0 or dropout_rng is None:
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+def attention_weights(q: jax.Array, k: jax.Array, *, key_mask: Optional[jax.Array] = None,
+                      is_causal: bool = False) -> jax.Array:
+  """softmax(q kᵀ / sqrt(d)) over keys: q (batch, t, heads, d), k (batch, s, heads, d) → (batch, heads, t, s)."""
   logits = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
   big_neg = jnp.finfo(logits.dtype).min
-  if mask is not None:
-    logits = jnp.where(mask, logits, big_neg)
+  if key_mask is not None:
+    logits = jnp.where(key_mask[:, None, None, :], logits, big_neg)
   if is_causal:
     t, s = logits.shape[-2:]
     logits = jnp.where(jnp.tril(jnp.ones((t, s), bool)), logits, big_neg)
-  weights = jax.nn.softmax(logits, axis=-1)
-  keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-  weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0).astype(v.dtype)
-  return jnp.einsum("bhts,bshd->bthd", weights, v)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: Optional[jax.Array] = None,
+                      is_causal: bool = False, dropout_rate: float = 0.0,
+                      dropout_rng: Optional[jax.Array] = None, sow=None) -> jax.Array:
+  """softmax(q kᵀ / sqrt(d)) v per head.
+
+  q: (batch, t, heads, d); k, v: (batch, s, heads, d); key_mask: (batch, s) bool, True = attend.
+  Without dropout and without ``sow`` this is the fused ``jax.nn.dot_product_attention``. Attention-weight
+  dropout and ``sow`` (a callable receiving the (batch, heads, t, s) weights, for attention maps) need the
+  weights, so then they are written out.
+  """
+  if (dropout_rate == 0.0 or dropout_rng is None) and sow is None:
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+  weights = attention_weights(q, k, key_mask=key_mask, is_causal=is_causal)
+  if sow is not None:
+    sow(weights)
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  return jnp.einsum("bhts,bshd->bthd", weights.astype(v.dtype), v)
 
 
 class _MultiHead(nn.Module):
@@ -62,9 +72,11 @@ class _MultiHead(nn.Module):
     w_o_intermediate_dim: None = W^O is one (h·d_h → out) map; an int w = two maps h·d_h → w → out with no
       nonlinearity between (linformer-pytorch's ``w_o_intermediate_dim``).
     attention_dropout: dropout on the attention weights (train mode only).
+    qkv_bias: biases on the Q/K/V maps (ViT style; the Linformer original has none).
   """
   num_heads: int
   head_dim: Optional[int] = None
+  qkv_bias: bool = False
   out_dim: Optional[int] = None
   w_o_intermediate_dim: Optional[int] = None
   attention_dropout: float = 0.0
@@ -93,9 +105,10 @@ class _MultiHead(nn.Module):
   def _qkv(self, x, context):
     """x: (b, t, dim) → q (b, t, h, d_h); context: (b, s, dim_c) → k, v (b, s, h, d_h)."""
     feats = (self.num_heads, self._head_dim(x.shape[-1]))
-    q = checkpoint_name(self._dense(feats, "query")(x), "query")
-    k = checkpoint_name(self._dense(feats, "key")(context), "key")
-    v = checkpoint_name(self._dense(feats, "value")(context), "value")
+    dense = lambda name: self._dense(feats, name, use_bias=self.qkv_bias)
+    q = checkpoint_name(dense("query")(x), "query")
+    k = checkpoint_name(dense("key")(context), "key")
+    v = checkpoint_name(dense("value")(context), "value")
     return q, k, v
 
   def _out(self, o, dim):
@@ -110,6 +123,12 @@ class _MultiHead(nn.Module):
     if deterministic or self.attention_dropout == 0.0:
       return None
     return self.make_rng("dropout")
+
+  def _sow_fn(self):
+    """Attention maps are stored in "intermediates" only when the caller makes it mutable."""
+    if not self.is_mutable_collection("intermediates"):
+      return None
+    return lambda w: self.sow("intermediates", "attention_weights", w)
 
   def _inputs(self, x, context, mask):
     if x.ndim != 3:
@@ -142,7 +161,7 @@ class FullSelfAttention(_MultiHead):
     q, k, v = self._qkv(x, context)
     o = softmax_attention(q, k, v, key_mask=mask, is_causal=self.causal,
                           dropout_rate=self.attention_dropout,
-                          dropout_rng=self._dropout_rng(deterministic))
+                          dropout_rng=self._dropout_rng(deterministic), sow=self._sow_fn())
     return self._out(o, x.shape[-1])
 
 
@@ -201,6 +220,7 @@ class LinformerSelfAttention(_MultiHead):
     proj_e, proj_f = self._projections()
     k_bar = checkpoint_name(proj_e(k), "k_bar")  # (b, k, h, d_h)
     v_bar = checkpoint_name(proj_f(v), "v_bar")
+    # P̄ = softmax(Q K̄ᵀ / sqrt(d_h)): (b, h, t, k), sown as "attention_weights" when requested
     o = softmax_attention(q, k_bar, v_bar, dropout_rate=self.attention_dropout,
-                          dropout_rng=self._dropout_rng(deterministic))
+                          dropout_rng=self._dropout_rng(deterministic), sow=self._sow_fn())
     return self._out(o, x.shape[-1])

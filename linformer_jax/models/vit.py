@@ -1,0 +1,122 @@
+"""Plain ViT / DeiT baselines with full softmax attention (Dosovitskiy et al. 2020; Touvron et al. 2021),
+laid out as timm's ``VisionTransformer`` so parameter counts match, for side-by-side comparison with XCiT.
+
+Parameter tree: ``patch_embed`` (Conv p×p stride p), ``cls_token`` (1, 1, C), ``pos_embed`` (1, 1 + N, C) for
+the default grid, ``blocks_{i}/{norm1, attn/{query, key, value, out}, norm2, mlp/{wi, wo}}``, ``norm``, ``head``.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from linformer_jax._validate import check_choice, check_int, check_rate
+from linformer_jax.layers.attention import FullSelfAttention
+from linformer_jax.layers.drop_path import DropPath
+from linformer_jax.layers.mlp import FeedForward
+
+LN_EPS = 1e-6
+dense_init = nn.initializers.truncated_normal(0.02)
+
+
+class ViTBlock(nn.Module):
+  """Pre-LN block: x ← x + DropPath(Attn(LN(x))); x ← x + DropPath(MLP(LN(x)))."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    det = not train
+    drop_path = lambda y: DropPath(self.drop_path_rate)(y, deterministic=det)
+    attn = FullSelfAttention(self.num_heads, qkv_bias=self.qkv_bias, attention_dropout=self.attn_drop_rate,
+                             name="attn")
+    y = attn(nn.LayerNorm(LN_EPS, name="norm1")(x), deterministic=det)
+    x = x + drop_path(nn.Dropout(self.drop_rate)(y, deterministic=det))
+    mlp = FeedForward(int(x.shape[-1] * self.mlp_ratio), "gelu", self.drop_rate, name="mlp")
+    return x + drop_path(mlp(nn.LayerNorm(LN_EPS, name="norm2")(x), deterministic=det))
+
+
+class VisionTransformer(nn.Module):
+  """ViT with a CLS token and learned position embeddings.
+
+  Attributes: img_size (the position table's resolution; other sizes divisible by patch_size are handled by
+  bilinear resizing of the table), patch_size, in_chans, num_classes (0 = no head), embed_dim, depth,
+  num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, drop_path_rate (linearly increasing over depth,
+  as DeiT), global_pool "token" | "avg".
+  Call: ``module.apply(variables, images, train=False)``; images (batch, H, W, in_chans) → (batch, num_classes).
+  """
+  img_size: int = 224
+  patch_size: int = 16
+  in_chans: int = 3
+  num_classes: int = 1000
+  embed_dim: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  global_pool: str = "token"
+
+  def __post_init__(self):
+    for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+      check_int(name, getattr(self, name), minimum=1)
+    check_int("num_classes", self.num_classes, minimum=0)
+    if self.img_size % self.patch_size:
+      raise ValueError(f"img_size={self.img_size} is not divisible by patch_size={self.patch_size}.")
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}.")
+    check_choice("global_pool", self.global_pool, ("token", "avg"))
+    for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+      check_rate(name, getattr(self, name))
+    super().__post_init__()
+
+  def setup(self):
+    p, g = self.patch_size, self.img_size // self.patch_size
+    self.patch_embed = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID")
+    self.cls_token = self.param("cls_token", dense_init, (1, 1, self.embed_dim))
+    self.pos_embed = self.param("pos_embed", dense_init, (1, 1 + g * g, self.embed_dim))
+    rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
+    self.blocks = [ViTBlock(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate, self.attn_drop_rate,
+                            r) for r in rates]
+    self.norm = nn.LayerNorm(LN_EPS)
+    self.pos_drop = nn.Dropout(self.drop_rate)
+    self.head_drop = nn.Dropout(self.drop_rate)
+    if self.num_classes:
+      self.head = nn.Dense(self.num_classes, kernel_init=dense_init)
+
+  def _pos_embed(self, hp: int, wp: int) -> jax.Array:
+    g = self.img_size // self.patch_size
+    cls_pos, grid_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+    if (hp, wp) != (g, g):
+      grid = grid_pos.reshape(1, g, g, self.embed_dim)
+      grid_pos = jax.image.resize(grid, (1, hp, wp, self.embed_dim), "bilinear").reshape(1, hp * wp, -1)
+    return jnp.concatenate([cls_pos, grid_pos], axis=1)
+
+  def forward_features(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """images (batch, H, W, in_chans) → tokens after the final LayerNorm, (batch, 1 + N, C), CLS first."""
+    if images.ndim != 4 or images.shape[-1] != self.in_chans:
+      raise ValueError(f"images must be NHWC (batch, H, W, {self.in_chans}), got shape {images.shape}.")
+    if images.shape[1] % self.patch_size or images.shape[2] % self.patch_size:
+      raise ValueError(f"image size {images.shape[1]}x{images.shape[2]} is not divisible by "
+                       f"patch_size={self.patch_size}.")
+    x = self.patch_embed(images)
+    b, hp, wp, c = x.shape
+    x = jnp.concatenate([jnp.broadcast_to(self.cls_token, (b, 1, c)), x.reshape(b, hp * wp, c)], axis=1)
+    x = self.pos_drop(x + self._pos_embed(hp, wp), deterministic=not train)
+    for blk in self.blocks:
+      x = blk(x, train)
+    return self.norm(x)
+
+  def forward_head(self, tokens: jax.Array, pre_logits: bool = False, train: bool = False) -> jax.Array:
+    x = tokens[:, 1:].mean(axis=1) if self.global_pool == "avg" else tokens[:, 0]
+    x = self.head_drop(x, deterministic=not train)
+    return x if pre_logits or not self.num_classes else self.head(x)
+
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    return self.forward_head(self.forward_features(images, train), train=train)

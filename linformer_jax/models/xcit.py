@@ -1,0 +1,344 @@
+"""XCiT: Cross-Covariance Image Transformers (El-Nouby et al. 2021, arXiv 2106.09681).
+
+Images are NHWC float32. The forward pass (matching the official code and timm 1.0.31 ``xcit.py``):
+
+    ConvPatchEmbed → + FourierPositionalEncoding → depth × XCABlock → prepend CLS →
+    cls_attn_layers × ClassAttentionBlock → LayerNorm → head(token 0)
+
+Parameter tree (names mirror timm's so the converter is a rename): ``patch_embed/{conv_i, bn_i}``,
+``pos_embed/token_projection``, ``blocks_{i}/{norm1, attn/{qkv, temperature, proj}, gamma1, norm3,
+local_mp/{conv1, bn, conv2}, gamma3, norm2, mlp/{wi, wo}, gamma2}``, ``cls_token``,
+``cls_attn_blocks_{j}/{norm1, attn/{query, key, value, out}, gamma1, norm2, mlp, gamma2}``, ``norm``, ``head``.
+BatchNorm statistics are in the ``"batch_stats"`` collection.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from linformer_jax._validate import check_choice, check_int, check_rate
+from linformer_jax.layers.attention import FullSelfAttention
+from linformer_jax.layers.drop_path import DropPath
+from linformer_jax.layers.mlp import FeedForward
+
+LN_EPS = 1e-6  # LayerNorm epsilon everywhere in XCiT
+BN_MOMENTUM = 0.9  # = PyTorch momentum 0.1
+BN_EPS = 1e-5
+dense_init = nn.initializers.truncated_normal(0.02)
+exact_gelu = lambda x: jax.nn.gelu(x, approximate=False)
+
+
+def _batch_norm(train: bool, axis_name: Optional[str], name: str) -> nn.BatchNorm:
+  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS,
+                      axis_name=axis_name if train else None, name=name)
+
+
+def _layer_norm(name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=LN_EPS, name=name)
+
+
+class XCA(nn.Module):
+  """Cross-covariance attention: per head, a d_h × d_h attention between channels (linear in tokens N).
+
+      q̂, k̂ = q / ‖q‖₂, k / ‖k‖₂ (over the N tokens);  A_h = softmax_j(τ_h · q̂ᵀ k̂);  out_i = Σ_j A_h[i, j] v_j
+
+  Attributes: num_heads; qkv_bias; attention_dropout; dropout (after the projection);
+  normalize_qk (False = ablation without the L2 normalisation); learnable_temperature (False = τ fixed at 1).
+  Call ``(x, deterministic=True)``; x (batch, N, C) → (batch, N, C). The maps A (batch, heads, d_h, d_h) are
+  sown as ``intermediates/…/attention_weights`` when that collection is mutable.
+  """
+  num_heads: int
+  qkv_bias: bool = True
+  attention_dropout: float = 0.0
+  dropout: float = 0.0
+  normalize_qk: bool = True
+  learnable_temperature: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    b, n, c = x.shape
+    h = self.num_heads
+    if c % h:
+      raise ValueError(f"embed_dim={c} is not divisible by num_heads={h}.")
+    qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, kernel_init=dense_init, name="qkv")(x)
+    q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, h, c // h), 2, 0)  # each (b, N, h, d_h)
+    if self.normalize_qk:  # F.normalize: x / max(‖x‖, 1e-12) along the token axis
+      q = q / jnp.maximum(jnp.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+      k = k / jnp.maximum(jnp.linalg.norm(k, axis=1, keepdims=True), 1e-12)
+    temperature = (self.param("temperature", nn.initializers.ones, (h,)) if self.learnable_temperature
+                   else jnp.ones((h,), x.dtype))
+    attn = jax.nn.softmax(jnp.einsum("bnhi,bnhj->bhij", q, k) * temperature[:, None, None], axis=-1)
+    if self.is_mutable_collection("intermediates"):
+      self.sow("intermediates", "attention_weights", attn)
+    attn = nn.Dropout(self.attention_dropout)(attn, deterministic=deterministic)
+    out = jnp.einsum("bhij,bnhj->bnhi", attn, v).reshape(b, n, c)  # channel = h·d_h + i
+    out = nn.Dense(c, kernel_init=dense_init, name="proj")(out)
+    return nn.Dropout(self.dropout)(out, deterministic=deterministic)
+
+
+class LPI(nn.Module):
+  """Local patch interaction: depthwise conv → GELU → BatchNorm → depthwise conv on the Hp × Wp token grid.
+
+  Call ``(x, grid, train=False)``; x (batch, Hp·Wp, C) row-major; grid = (Hp, Wp). Returns (batch, Hp·Wp, C).
+  """
+  kernel_size: int = 3
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, grid: tuple[int, int], train: bool = False) -> jax.Array:
+    b, n, c = x.shape
+    pad = self.kernel_size // 2
+    conv = lambda name: nn.Conv(c, (self.kernel_size, self.kernel_size), padding=((pad, pad), (pad, pad)),
+                                feature_group_count=c, name=name)
+    y = conv("conv1")(x.reshape(b, *grid, c))
+    y = _batch_norm(train, self.bn_axis_name, "bn")(exact_gelu(y))
+    return conv("conv2")(y).reshape(b, n, c)
+
+
+class ConvPatchEmbed(nn.Module):
+  """Stack of stride-2 3×3 convs (no bias) with BatchNorm, GELU between stages: 4 stages for patch 16
+  (3 → C/8 → C/4 → C/2 → C), 3 for patch 8. Each stage maps H → ⌊(H − 1)/2⌋ + 1 (padding 1 on each side,
+  explicit as in PyTorch, not 'SAME').
+
+  Call ``(images, train=False)``; images (batch, H, W, in_chans) → (batch, Hp, Wp, C).
+  """
+  patch_size: int = 16
+  embed_dim: int = 768
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    stages = {16: 4, 8: 3}[self.patch_size]
+    widths = [self.embed_dim // 2 ** (stages - 1 - i) for i in range(stages)]
+    x = images
+    for i, width in enumerate(widths):
+      x = nn.Conv(width, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False,
+                  name=f"conv_{i}")(x)
+      x = _batch_norm(train, self.bn_axis_name, f"bn_{i}")(x)
+      if i < stages - 1:
+        x = exact_gelu(x)
+    return x
+
+
+def fourier_features(hp: int, wp: int, hidden_dim: int = 32, temperature: float = 10000.0) -> np.ndarray:
+  """(Hp·Wp, 2·hidden_dim) Fourier features of the grid: [y-features | x-features], each interleaved
+  [sin(p/t_0), cos(p/t_0), sin(p/t_1), …] with p = (index+1)/(size+1e-6)·2π and t_i = T^(2⌊i/2⌋/hidden_dim)."""
+  eps, scale = 1e-6, 2 * math.pi
+  y = np.arange(1, hp + 1, dtype=np.float32) / (hp + eps) * scale
+  x = np.arange(1, wp + 1, dtype=np.float32) / (wp + eps) * scale
+  dim_t = temperature ** (2 * (np.arange(hidden_dim) // 2) / hidden_dim).astype(np.float32)
+
+  def embed(p):  # (L,) → (L, hidden_dim)
+    p = p[:, None] / dim_t
+    return np.stack([np.sin(p[:, 0::2]), np.cos(p[:, 1::2])], axis=-1).reshape(len(p), hidden_dim)
+
+  fy = np.broadcast_to(embed(y)[:, None, :], (hp, wp, hidden_dim))
+  fx = np.broadcast_to(embed(x)[None, :, :], (hp, wp, hidden_dim))
+  return np.concatenate([fy, fx], axis=-1).reshape(hp * wp, 2 * hidden_dim).astype(np.float32)
+
+
+class FourierPositionalEncoding(nn.Module):
+  """Fourier features of the token grid (any Hp × Wp, computed on the fly) → 1×1 projection to C.
+
+  Call ``(grid)`` with grid = (Hp, Wp); returns (Hp·Wp, C).
+  """
+  dim: int
+  hidden_dim: int = 32
+  temperature: float = 10000.0
+
+  @nn.compact
+  def __call__(self, grid: tuple[int, int]) -> jax.Array:
+    feats = jnp.asarray(fourier_features(*grid, self.hidden_dim, self.temperature))
+    return nn.Dense(self.dim, name="token_projection")(feats)
+
+
+class XCABlock(nn.Module):
+  """x ← x + γ1·XCA(LN(x));  x ← x + γ3·LPI(LN(x));  x ← x + γ2·MLP(LN(x))  (each branch with drop path).
+
+  ``attention="self"`` swaps XCA for ordinary softmax self-attention; ``use_lpi=False`` drops the LPI branch
+  (ablations). Call ``(x, grid, train=False)``; x (batch, N, C).
+  """
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  eta: float = 1.0
+  use_lpi: bool = True
+  attention: str = "xca"
+  normalize_qk: bool = True
+  learnable_temperature: bool = True
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, grid: tuple[int, int], train: bool = False) -> jax.Array:
+    c = x.shape[-1]
+    det = not train
+    gamma = lambda name: self.param(name, nn.initializers.constant(self.eta), (c,))
+    drop_path = lambda y: DropPath(self.drop_path_rate)(y, deterministic=det)
+    if self.attention == "xca":
+      attn = XCA(self.num_heads, self.qkv_bias, self.attn_drop_rate, self.drop_rate, self.normalize_qk,
+                 self.learnable_temperature, name="attn")
+      attend = lambda y: attn(y, deterministic=det)
+    else:
+      attn = FullSelfAttention(self.num_heads, qkv_bias=self.qkv_bias, attention_dropout=self.attn_drop_rate,
+                               name="attn")
+      attend = lambda y: nn.Dropout(self.drop_rate)(attn(y, deterministic=det), deterministic=det)
+    x = x + drop_path(gamma("gamma1") * attend(_layer_norm("norm1")(x)))
+    if self.use_lpi:
+      lpi = LPI(bn_axis_name=self.bn_axis_name, name="local_mp")
+      x = x + drop_path(gamma("gamma3") * lpi(_layer_norm("norm3")(x), grid, train))
+    mlp = FeedForward(int(c * self.mlp_ratio), "gelu", self.drop_rate, name="mlp")
+    return x + drop_path(gamma("gamma2") * mlp(_layer_norm("norm2")(x), deterministic=det))
+
+
+class ClassAttentionBlock(nn.Module):
+  """CaiT-style class attention: the CLS query attends over all tokens (CLS + patches).
+
+  As in the official code and timm:
+      xn = LN1(x);  x ← x + γ1·[CA(xn)_cls, xn_patches]
+      tokens_norm: x ← LN2(x)   else: x_cls ← LN2(x_cls)
+      x ← x + [γ2·MLP(x_cls), x_patches]      (so patch tokens are doubled here, exactly as the original)
+  Call ``(x, train=False)``; x (batch, 1 + N, C). The CLS→token maps (batch, heads, 1, 1 + N) are sown as
+  ``attn/attention_weights`` when "intermediates" is mutable.
+  """
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  eta: float = 1.0
+  tokens_norm: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    c = x.shape[-1]
+    det = not train
+    gamma = lambda name: self.param(name, nn.initializers.constant(self.eta), (c,))
+    xn = _layer_norm("norm1")(x)
+    attn = FullSelfAttention(self.num_heads, qkv_bias=self.qkv_bias, attention_dropout=self.attn_drop_rate,
+                             name="attn")
+    cls = nn.Dropout(self.drop_rate)(attn(xn[:, :1], context=xn, deterministic=det), deterministic=det)
+    x = x + gamma("gamma1") * jnp.concatenate([cls, xn[:, 1:]], axis=1)
+    norm2 = _layer_norm("norm2")
+    x = norm2(x) if self.tokens_norm else jnp.concatenate([norm2(x[:, :1]), x[:, 1:]], axis=1)
+    mlp = FeedForward(int(c * self.mlp_ratio), "gelu", self.drop_rate, name="mlp")
+    cls = gamma("gamma2") * mlp(x[:, :1], deterministic=det)
+    return x + jnp.concatenate([cls, x[:, 1:]], axis=1)
+
+
+class XCiT(nn.Module):
+  """The XCiT image classifier.
+
+  Attributes:
+    img_size: the resolution the variant was published at (any H, W divisible by patch_size work).
+    patch_size: 16 or 8. in_chans: input channels. num_classes: head outputs (0 = no head).
+    embed_dim, depth, num_heads, mlp_ratio, qkv_bias: transformer shape.
+    drop_rate: dropout after attention projections, in MLPs and before the head; attn_drop_rate: on attention
+      weights; drop_path_rate: stochastic depth, constant over the XCA blocks (as the original), none in the
+      class-attention blocks.
+    cls_attn_layers: number of class-attention blocks. eta: LayerScale init. tokens_norm: LayerNorm over all
+      tokens in the class-attention blocks (False only for the nano models).
+    global_pool: "token" (CLS, as published) | "avg" (mean of patch tokens).
+    bn_axis_name: mapped axis name for cross-replica BatchNorm statistics in data-parallel training
+      (SyncBatchNorm); None = per-device statistics.
+    use_pos_embed, use_lpi, attention ("xca" | "self"), normalize_qk, learnable_temperature: ablation switches.
+  Call: ``module.apply(variables, images, train=False)`` with images (batch, H, W, in_chans) float, H and W
+  divisible by patch_size. ``train=True`` needs ``mutable=["batch_stats"]`` and a "dropout" rng when
+  dropout/drop-path rates are non-zero. Returns logits (batch, num_classes).
+  """
+  img_size: int = 224
+  patch_size: int = 16
+  in_chans: int = 3
+  num_classes: int = 1000
+  embed_dim: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  cls_attn_layers: int = 2
+  eta: float = 1.0
+  tokens_norm: bool = False
+  global_pool: str = "token"
+  bn_axis_name: Optional[str] = None
+  use_pos_embed: bool = True
+  use_lpi: bool = True
+  attention: str = "xca"
+  normalize_qk: bool = True
+  learnable_temperature: bool = True
+
+  def __post_init__(self):
+    check_choice("patch_size", self.patch_size, (16, 8))
+    for name in ("in_chans", "embed_dim", "depth", "num_heads", "img_size"):
+      check_int(name, getattr(self, name), minimum=1)
+    check_int("num_classes", self.num_classes, minimum=0)
+    check_int("cls_attn_layers", self.cls_attn_layers, minimum=0)
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}.")
+    if self.embed_dim % (2 ** ({16: 4, 8: 3}[self.patch_size] - 1)):
+      raise ValueError(f"embed_dim={self.embed_dim} must be divisible by {2 ** ({16: 4, 8: 3}[self.patch_size] - 1)}"
+                       f" for the patch-{self.patch_size} conv stem.")
+    check_choice("global_pool", self.global_pool, ("token", "avg"))
+    check_choice("attention", self.attention, ("xca", "self"))
+    for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+      check_rate(name, getattr(self, name))
+    super().__post_init__()
+
+  def setup(self):
+    self.patch_embed = ConvPatchEmbed(self.patch_size, self.embed_dim, self.bn_axis_name)
+    if self.use_pos_embed:
+      self.pos_embed = FourierPositionalEncoding(self.embed_dim)
+    self.cls_token = self.param("cls_token", dense_init, (1, 1, self.embed_dim))
+    self.blocks = [XCABlock(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate, self.attn_drop_rate,
+                            self.drop_path_rate, self.eta, self.use_lpi, self.attention, self.normalize_qk,
+                            self.learnable_temperature, self.bn_axis_name) for _ in range(self.depth)]
+    self.cls_attn_blocks = [ClassAttentionBlock(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate,
+                                                self.attn_drop_rate, self.eta, self.tokens_norm)
+                            for _ in range(self.cls_attn_layers)]
+    self.norm = _layer_norm("norm")
+    self.pos_drop = nn.Dropout(self.drop_rate)
+    self.head_drop = nn.Dropout(self.drop_rate)
+    if self.num_classes:
+      self.head = nn.Dense(self.num_classes, kernel_init=dense_init)
+
+  def _check_images(self, images):
+    if images.ndim != 4 or images.shape[-1] != self.in_chans:
+      raise ValueError(f"images must be NHWC (batch, H, W, {self.in_chans}), got shape {images.shape}.")
+    h, w = images.shape[1:3]
+    if h % self.patch_size or w % self.patch_size:
+      raise ValueError(f"image size {h}x{w} is not divisible by patch_size={self.patch_size}; "
+                       f"resize or crop to multiples of {self.patch_size}.")
+
+  def forward_features(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """images (batch, H, W, in_chans) → tokens after the final LayerNorm, (batch, 1 + Hp·Wp, C), CLS first."""
+    self._check_images(images)
+    x = self.patch_embed(images, train)
+    b, hp, wp, c = x.shape
+    x = x.reshape(b, hp * wp, c)
+    if self.use_pos_embed:
+      x = x + self.pos_embed((hp, wp))[None].astype(x.dtype)
+    x = self.pos_drop(x, deterministic=not train)
+    for blk in self.blocks:
+      x = blk(x, (hp, wp), train)
+    x = jnp.concatenate([jnp.broadcast_to(self.cls_token, (b, 1, c)).astype(x.dtype), x], axis=1)
+    for blk in self.cls_attn_blocks:
+      x = blk(x, train)
+    return self.norm(x)
+
+  def forward_head(self, tokens: jax.Array, pre_logits: bool = False, train: bool = False) -> jax.Array:
+    """tokens (batch, 1 + N, C) → pooled features (batch, C) if pre_logits else logits (batch, num_classes)."""
+    x = tokens[:, 1:].mean(axis=1) if self.global_pool == "avg" else tokens[:, 0]
+    x = self.head_drop(x, deterministic=not train)
+    return x if pre_logits or not self.num_classes else self.head(x)
+
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    return self.forward_head(self.forward_features(images, train), train=train)
