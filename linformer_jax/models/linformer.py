@@ -238,6 +238,7 @@ class LinformerLM(LinformerFields, kw_only=True):
   tie_embeddings: bool = False
 
   def __post_init__(self):
+    check_int("vocab_size", self.vocab_size, minimum=1)
     check_choice("pos_emb", self.pos_emb, POS_EMBS)
     check_bool("tie_embeddings", self.tie_embeddings)
     super().__post_init__()

@@ -1,0 +1,313 @@
+"""LinformerSelfAttention / FullSelfAttention against plain-numpy references (float64, per-head loops)."""
+import functools
+import math
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from linformer_jax.layers import FullSelfAttention, LinformerSelfAttention
+
+ATOL = 1e-5
+B, DIM, HEADS = 2, 8, 2
+# Random-number code compiles slowly op by op on CPU (~2 s per new shape); train-mode (dropout) calls are
+# jitted without backend optimisation instead (~0.4 s).
+FAST_COMPILE = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True)
+fast_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# numpy reference
+# ----------------------------------------------------------------------------------------------------------
+def np_softmax(s):
+  s = s - s.max(-1, keepdims=True)
+  e = np.exp(s)
+  return e / e.sum(-1, keepdims=True)
+
+
+def np_weights(p):
+  """Q/K/V/out weights as float64 numpy: Wq/Wk/Wv (dim, h, d), Wo (h, d, out), bo (out,)."""
+  f = lambda a: np.asarray(a, np.float64)
+  return (f(p["query"]["kernel"]), f(p["key"]["kernel"]), f(p["value"]["kernel"]),
+          f(p["out"]["kernel"]), f(p["out"]["bias"]))
+
+
+def np_full_mha(x, p, key_mask=None, causal=False):
+  """Ordinary multi-head softmax attention, one (batch, head) at a time."""
+  x = np.asarray(x, np.float64)
+  wq, wk, wv, wo, bo = np_weights(p)
+  b, n, _ = x.shape
+  h, d = wq.shape[1], wq.shape[2]
+  out = np.zeros((b, n, wo.shape[-1]))
+  for bi in range(b):
+    heads = []
+    for hi in range(h):
+      q, k, v = x[bi] @ wq[:, hi], x[bi] @ wk[:, hi], x[bi] @ wv[:, hi]
+      s = q @ k.T / math.sqrt(d)
+      allowed = np.ones((n, n), bool)
+      if key_mask is not None:
+        allowed &= np.asarray(key_mask[bi], bool)[None, :]
+      if causal:
+        allowed &= np.tril(np.ones((n, n), bool))
+      s = np.where(allowed, s, -1e30)
+      heads.append(np_softmax(s) @ v)
+    out[bi] = np.concatenate(heads, -1) @ wo.reshape(h * d, -1) + bo
+  return out
+
+
+def np_linformer_mha(x, p, e_mats, f_mats, e_bias=None, f_bias=None, mask=None):
+  """Linformer attention (Eq. 7). e_mats[h], f_mats[h]: (max_len, k) stored kernels, E_paper = kernel[:n].T;
+  e_bias[h], f_bias[h]: (k,) or None. Padded K, V rows are zeroed before the projection."""
+  x = np.asarray(x, np.float64)
+  wq, wk, wv, wo, bo = np_weights(p)
+  b, n, _ = x.shape
+  h, d = wq.shape[1], wq.shape[2]
+  out = np.zeros((b, n, wo.shape[-1]))
+  for bi in range(b):
+    heads = []
+    for hi in range(h):
+      q, k, v = x[bi] @ wq[:, hi], x[bi] @ wk[:, hi], x[bi] @ wv[:, hi]
+      if mask is not None:
+        keep = np.asarray(mask[bi], np.float64)[:, None]
+        k, v = k * keep, v * keep
+      e = np.asarray(e_mats[hi], np.float64)[:n].T  # (k, n)
+      f = np.asarray(f_mats[hi], np.float64)[:n].T
+      k_bar, v_bar = e @ k, f @ v  # (k, d)
+      if e_bias is not None:
+        k_bar = k_bar + np.asarray(e_bias[hi], np.float64)[:, None]
+        v_bar = v_bar + np.asarray(f_bias[hi], np.float64)[:, None]
+      heads.append(np_softmax(q @ k_bar.T / math.sqrt(d)) @ v_bar)
+    out[bi] = np.concatenate(heads, -1) @ wo.reshape(h * d, -1) + bo
+  return out
+
+
+def per_head(params, sharing, heads, name):
+  """List (one per head) of the E (name="kernel") or bias matrices of a layer, for each of E and F."""
+  if sharing == "none":
+    e, f = params["E"][name], params["F"][name]
+    return [e[i] for i in range(heads)], [f[i] for i in range(heads)]
+  if sharing == "headwise":
+    return [params["E"][name]] * heads, [params["F"][name]] * heads
+  assert sharing == "kv"
+  return [params["EF"][name]] * heads, [params["EF"][name]] * heads
+
+
+def proj_names(sharing):
+  return {"none": ("E", "F"), "headwise": ("E", "F"), "kv": ("EF",)}[sharing]
+
+
+def rand(seed, shape, scale=1.0):
+  """Test data from numpy (new jax.random shapes cost ~0.5 s of XLA compilation each on CPU)."""
+  return jnp.asarray(np.random.RandomState(seed).normal(0.0, scale, shape), jnp.float32)
+
+
+def np_init(module, *args, seed=0, scale=0.4, **kwargs):
+  """Variables with the structure/shapes of ``module.init`` (via eval_shape) filled with numpy N(0, scale²)."""
+  shapes = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.PRNGKey(0), *args)
+  rs = np.random.RandomState(seed)
+  return jax.tree.map(lambda s: jnp.asarray(rs.normal(0.0, scale, s.shape), s.dtype), shapes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. k = n and E = F = identity → full attention
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sharing", ["none", "headwise", "kv"])
+def test_identity_projection_equals_full_attention(sharing):
+  n = 9
+  layer = LinformerSelfAttention(num_heads=HEADS, max_len=n, k=n, sharing=sharing)
+  x = rand(0, (B, n, DIM))
+  params = flax.core.unfreeze(np_init(layer, x))["params"]
+  for name in proj_names(sharing):
+    kernel = params[name]["kernel"]
+    params[name]["kernel"] = jnp.broadcast_to(jnp.eye(n, dtype=kernel.dtype), kernel.shape)
+  got = layer.apply({"params": params}, x)
+  want = np_full_mha(x, params)
+  np.testing.assert_allclose(got, want, atol=ATOL, rtol=1e-5)
+  # the layer's own (random) E/F are not the identity, so the check above is not vacuous
+  params0 = np_init(layer, x)
+  assert np.abs(np.asarray(layer.apply(params0, x)) - want).max() > 1e-3
+
+
+def test_identity_projection_equals_full_self_attention_module():
+  """Same Q/K/V/out params in FullSelfAttention and an identity-E Linformer layer give the same output."""
+  n = 9
+  lin = LinformerSelfAttention(num_heads=HEADS, max_len=n, k=n, sharing="headwise")
+  full = FullSelfAttention(num_heads=HEADS)
+  x = rand(2, (B, n, DIM))
+  params = flax.core.unfreeze(np_init(lin, x))["params"]
+  params["E"]["kernel"] = jnp.eye(n)
+  params["F"]["kernel"] = jnp.eye(n)
+  full_params = {name: params[name] for name in ("query", "key", "value", "out")}
+  np.testing.assert_allclose(lin.apply({"params": params}, x), full.apply({"params": full_params}, x),
+                             atol=ATOL)
+
+
+def test_full_self_attention_with_key_padding_mask():
+  n = 9
+  layer = FullSelfAttention(num_heads=HEADS)
+  x = rand(4, (B, n, DIM))
+  mask = jnp.array([[True] * 6 + [False] * 3, [True] * 9])
+  variables = np_init(layer, x, mask=mask)
+  got = layer.apply(variables, x, mask=mask)
+  np.testing.assert_allclose(got, np_full_mha(x, variables["params"], key_mask=mask), atol=ATOL)
+  # the mask matters for batch element 0
+  unmasked = np_full_mha(x, variables["params"])
+  assert np.abs(np.asarray(got)[0] - unmasked[0]).max() > 1e-4
+
+
+def test_full_self_attention_causal():
+  n = 9
+  layer = FullSelfAttention(num_heads=HEADS, causal=True)
+  x = rand(6, (B, n, DIM))
+  variables = np_init(layer, x)
+  got = np.asarray(layer.apply(variables, x))
+  np.testing.assert_allclose(got, np_full_mha(x, variables["params"], causal=True), atol=ATOL)
+  # position 0 sees only itself; the non-causal reference differs there
+  assert np.abs(got[:, 0] - np_full_mha(x, variables["params"])[:, 0]).max() > 1e-4
+
+
+def test_full_self_attention_causal_and_mask():
+  n = 9
+  layer = FullSelfAttention(num_heads=HEADS, causal=True)
+  x = rand(8, (B, n, DIM))
+  mask = jnp.array([[True, False, True, True, False, True, True, False, True], [True] * 7 + [False] * 2])
+  variables = np_init(layer, x, mask=mask)
+  np.testing.assert_allclose(layer.apply(variables, x, mask=mask),
+                             np_full_mha(x, variables["params"], key_mask=mask, causal=True), atol=ATOL)
+
+
+def test_full_self_attention_cross_context():
+  layer = FullSelfAttention(num_heads=HEADS)
+  x, ctx = rand(10, (B, 3, DIM)), rand(11, (B, 9, DIM))
+  mask = jnp.array([[True] * 9, [True] * 2 + [False] * 7])
+  variables = np_init(layer, x, ctx, mask)
+  p = variables["params"]
+  # numpy cross attention
+  wq, wk, wv, wo, bo = np_weights(p)
+  xs, cs = np.asarray(x, np.float64), np.asarray(ctx, np.float64)
+  want = np.zeros((B, 3, DIM))
+  for bi in range(B):
+    heads = []
+    for hi in range(HEADS):
+      s = (xs[bi] @ wq[:, hi]) @ (cs[bi] @ wk[:, hi]).T / math.sqrt(wq.shape[2])
+      s = np.where(np.asarray(mask[bi])[None], s, -1e30)
+      heads.append(np_softmax(s) @ (cs[bi] @ wv[:, hi]))
+    want[bi] = np.concatenate(heads, -1) @ wo.reshape(-1, DIM) + bo
+  np.testing.assert_allclose(layer.apply(variables, x, ctx, mask), want, atol=ATOL)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. general Linformer attention with random E/F (and bias), n < max_len
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("sharing", ["none", "headwise", "kv"])
+def test_random_projection_matches_numpy(sharing, bias, use_mask):
+  max_len, n, k = 12, 9, 5
+  layer = LinformerSelfAttention(num_heads=HEADS, max_len=max_len, k=k, sharing=sharing,
+                                 projection_bias=bias)
+  x = rand(12, (B, n, DIM))
+  params = flax.core.unfreeze(np_init(layer, x))["params"]
+  for j, name in enumerate(proj_names(sharing)):
+    assert params[name]["kernel"].shape[-2:] == (max_len, k)
+    params[name]["kernel"] = rand(20 + j, params[name]["kernel"].shape, 0.5)
+    if bias:
+      assert params[name]["bias"].shape == ((HEADS, k) if sharing == "none" else (k,))
+      params[name]["bias"] = rand(30 + j, params[name]["bias"].shape)
+    else:
+      assert "bias" not in params[name]
+  mask = jnp.array([[True] * 7 + [False] * 2, [True] * 9]) if use_mask else None
+  got = layer.apply({"params": params}, x, mask=mask)
+  e_mats, f_mats = per_head(params, sharing, HEADS, "kernel")
+  e_bias, f_bias = per_head(params, sharing, HEADS, "bias") if bias else (None, None)
+  want = np_linformer_mha(x, params, e_mats, f_mats, e_bias, f_bias, mask=mask)
+  np.testing.assert_allclose(got, want, atol=ATOL, rtol=1e-5)
+
+
+def test_head_dim_and_out_dim_and_w_o_intermediate():
+  """head_dim != dim/heads, and a two-matrix output map h·d → w → dim with no nonlinearity."""
+  max_len, n, k, hd, w = 8, 8, 3, 5, 6
+  layer = LinformerSelfAttention(num_heads=3, head_dim=hd, max_len=max_len, k=k, sharing="headwise",
+                                 w_o_intermediate_dim=w)
+  x = rand(40, (B, n, 7))
+  params = np_init(layer, x)["params"]
+  assert params["query"]["kernel"].shape == (7, 3, hd)
+  assert params["out_1"]["kernel"].shape == (3, hd, w)
+  assert params["out_2"]["kernel"].shape == (w, 7)
+  # fold the two output maps into one (linear composition) and reuse the numpy reference
+  w1 = np.asarray(params["out_1"]["kernel"], np.float64).reshape(3 * hd, w)
+  w2 = np.asarray(params["out_2"]["kernel"], np.float64)
+  folded = dict(params, out={"kernel": (w1 @ w2).reshape(3, hd, 7),
+                             "bias": np.asarray(params["out_1"]["bias"], np.float64) @ w2
+                             + np.asarray(params["out_2"]["bias"], np.float64)})
+  want = np_linformer_mha(x, folded, [params["E"]["kernel"]] * 3, [params["F"]["kernel"]] * 3)
+  np.testing.assert_allclose(layer.apply({"params": params}, x), want, atol=ATOL)
+
+
+def test_cross_attention_context():
+  """Linformer cross-attention: queries from x (length 3), keys/values from a context of length n <= max_len."""
+  max_len, n, k = 12, 9, 5
+  layer = LinformerSelfAttention(num_heads=HEADS, max_len=max_len, k=k, sharing="kv")
+  x, ctx = rand(50, (B, 3, DIM)), rand(51, (B, n, DIM))
+  params = np_init(layer, x, ctx)["params"]
+  got = np.asarray(layer.apply({"params": params}, x, ctx))
+  assert got.shape == (B, 3, DIM)
+  wq, wk, wv, wo, bo = np_weights(params)
+  e = np.asarray(params["EF"]["kernel"], np.float64)[:n].T
+  xs, cs = np.asarray(x, np.float64), np.asarray(ctx, np.float64)
+  for bi in range(B):
+    heads = []
+    for hi in range(HEADS):
+      kb, vb = e @ (cs[bi] @ wk[:, hi]), e @ (cs[bi] @ wv[:, hi])
+      heads.append(np_softmax((xs[bi] @ wq[:, hi]) @ kb.T / math.sqrt(wq.shape[2])) @ vb)
+    np.testing.assert_allclose(got[bi], np.concatenate(heads, -1) @ wo.reshape(-1, DIM) + bo, atol=ATOL)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 11. dropout (layer level)
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls_kwargs", [
+    (LinformerSelfAttention, dict(max_len=12, k=5, sharing="headwise")),
+    (FullSelfAttention, dict()),
+])
+def test_attention_dropout(cls_kwargs):
+  cls, kwargs = cls_kwargs
+  x = rand(60, (B, 12, DIM))
+  layer = cls(num_heads=HEADS, attention_dropout=0.5, **kwargs)
+  no_drop = cls(num_heads=HEADS, attention_dropout=0.0, **kwargs)
+  variables = np_init(layer, x)
+  ref = np.asarray(no_drop.apply(variables, x))
+  # deterministic=True equals rate 0 (no rng needed)
+  np.testing.assert_allclose(layer.apply(variables, x, deterministic=True), ref, atol=1e-6)
+  # train mode needs a "dropout" rng ...
+  with pytest.raises(Exception, match="dropout"):
+    layer.apply(variables, x, deterministic=False)
+  # ... and changes the output; same rng → same output, another rng → another output
+  train = fast_jit(lambda v, x, r: layer.apply(v, x, deterministic=False, rngs={"dropout": r}))
+  a = np.asarray(train(variables, x, jax.random.PRNGKey(1)))
+  a2 = np.asarray(train(variables, x, jax.random.PRNGKey(1)))
+  c = np.asarray(train(variables, x, jax.random.PRNGKey(2)))
+  assert np.abs(a - ref).max() > 1e-3
+  np.testing.assert_array_equal(a, a2)
+  assert np.abs(a - c).max() > 1e-3
+  # with rate 0 the rng is irrelevant
+  np.testing.assert_allclose(
+      no_drop.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)}), ref,
+      atol=1e-6)
+
+
+def test_attention_dropout_matches_numpy_with_reconstructed_keep_mask():
+  """Train-mode full attention with dropout p equals numpy softmax·keep/(1-p)·V for the keep mask implied by
+  the same rng (jax.random.bernoulli on the (b, h, t, s) weight shape)."""
+  from linformer_jax.layers import softmax_attention
+  q, k, v = rand(70, (1, 4, 2, 3)), rand(71, (1, 5, 2, 3)), rand(72, (1, 5, 2, 3))
+  rng, p = jax.random.PRNGKey(73), 0.25
+  got = fast_jit(lambda q, k, v, r: softmax_attention(q, k, v, dropout_rate=p, dropout_rng=r))(q, k, v, rng)
+  keep = np.asarray(fast_jit(lambda r: jax.random.bernoulli(r, 1 - p, (1, 2, 4, 5)))(rng))
+  assert 0 < keep.sum() < keep.size
+  qs, ks, vs = (np.asarray(a, np.float64) for a in (q, k, v))
+  w = np_softmax(np.einsum("bthd,bshd->bhts", qs, ks) / math.sqrt(3))
+  want = np.einsum("bhts,bshd->bthd", np.where(keep, w / (1 - p), 0.0), vs)
+  np.testing.assert_allclose(got, want, atol=ATOL)
