@@ -23,6 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from linformer_jax._validate import check_choice, check_int, check_length, check_mask, check_rate
 from linformer_jax.layers.projections import PROJECTIONS, SeqProjection
+from linformer_jax.remat import REMAT_POLICIES, map_heads
 
 SHARING = ("none", "headwise", "kv", "layerwise")
 
@@ -42,14 +43,23 @@ def attention_weights(q: jax.Array, k: jax.Array, *, key_mask: Optional[jax.Arra
 
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: Optional[jax.Array] = None,
                       is_causal: bool = False, dropout_rate: float = 0.0,
-                      dropout_rng: Optional[jax.Array] = None, sow=None) -> jax.Array:
+                      dropout_rng: Optional[jax.Array] = None, sow=None,
+                      head_remat_policy: Optional[str] = None) -> jax.Array:
   """softmax(q kᵀ / sqrt(d)) v per head.
 
   q: (batch, t, heads, d); k, v: (batch, s, heads, d); key_mask: (batch, s) bool, True = attend.
   Without dropout and without ``sow`` this is the fused ``jax.nn.dot_product_attention``. Attention-weight
   dropout and ``sow`` (a callable receiving the (batch, heads, t, s) weights, for attention maps) need the
-  weights, so then they are written out.
+  weights, so then they are written out. ``head_remat_policy`` (level C2): one head at a time under
+  ``jax.checkpoint`` with that policy (not combined with ``sow``, which needs all heads' weights).
   """
+  if head_remat_policy is not None and sow is None:
+    keys = None
+    if dropout_rate > 0.0 and dropout_rng is not None:
+      keys = jax.random.split(dropout_rng, q.shape[2])
+    one_head = lambda qh, kh, vh, key=None: softmax_attention(
+        qh, kh, vh, key_mask=key_mask, is_causal=is_causal, dropout_rate=dropout_rate, dropout_rng=key)
+    return map_heads(one_head, head_remat_policy, q, k, v, extra=keys)
   if (dropout_rate == 0.0 or dropout_rng is None) and sow is None:
     mask = None if key_mask is None else key_mask[:, None, None, :]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
@@ -73,10 +83,14 @@ class _MultiHead(nn.Module):
       nonlinearity between (linformer-pytorch's ``w_o_intermediate_dim``).
     attention_dropout: dropout on the attention weights (train mode only).
     qkv_bias: biases on the Q/K/V maps (ViT style; the Linformer original has none).
+    remat_heads: compute the attention core one head at a time under ``jax.checkpoint`` (level C2).
+    remat_policy: the checkpoint policy name used then (see ``linformer_jax.remat``).
   """
   num_heads: int
   head_dim: Optional[int] = None
   qkv_bias: bool = False
+  remat_heads: bool = False
+  remat_policy: str = "nothing_saveable"
   out_dim: Optional[int] = None
   w_o_intermediate_dim: Optional[int] = None
   attention_dropout: float = 0.0
@@ -89,6 +103,7 @@ class _MultiHead(nn.Module):
     check_int("out_dim", self.out_dim, minimum=1, allow_none=True)
     check_int("w_o_intermediate_dim", self.w_o_intermediate_dim, minimum=1, allow_none=True)
     check_rate("attention_dropout", self.attention_dropout)
+    check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
 
   def _head_dim(self, dim: int) -> int:
     if self.head_dim is not None:
@@ -161,7 +176,8 @@ class FullSelfAttention(_MultiHead):
     q, k, v = self._qkv(x, context)
     o = softmax_attention(q, k, v, key_mask=mask, is_causal=self.causal,
                           dropout_rate=self.attention_dropout,
-                          dropout_rng=self._dropout_rng(deterministic), sow=self._sow_fn())
+                          dropout_rng=self._dropout_rng(deterministic), sow=self._sow_fn(),
+                          head_remat_policy=self.remat_policy if self.remat_heads else None)
     return self._out(o, x.shape[-1])
 
 
@@ -222,5 +238,6 @@ class LinformerSelfAttention(_MultiHead):
     v_bar = checkpoint_name(proj_f(v), "v_bar")
     # P̄ = softmax(Q K̄ᵀ / sqrt(d_h)): (b, h, t, k), sown as "attention_weights" when requested
     o = softmax_attention(q, k_bar, v_bar, dropout_rate=self.attention_dropout,
-                          dropout_rng=self._dropout_rng(deterministic), sow=self._sow_fn())
+                          dropout_rng=self._dropout_rng(deterministic), sow=self._sow_fn(),
+                          head_remat_policy=self.remat_policy if self.remat_heads else None)
     return self._out(o, x.shape[-1])

@@ -27,10 +27,10 @@ from linformer_jax.layers.attention import SHARING, FullSelfAttention, Linformer
 from linformer_jax.layers.embeddings import POS_EMBS, TokenEmbedder
 from linformer_jax.layers.mlp import ACTIVATIONS, FeedForward
 from linformer_jax.layers.projections import CONSTANTS, PROJECTIONS, SeqProjection
+from linformer_jax.remat import REMAT_LEVELS, remat_sublayer, validate_remat
 
 ATTENTIONS = ("linformer", "full")
 NORMS = ("pre", "post")
-REMAT_LEVELS = ("C0",)  # C1/C2 arrive with the remat issue
 
 CAUSAL_ERROR = (
     "causal=True is not supported with attention='linformer': the projection E·K mixes all n positions "
@@ -55,8 +55,22 @@ class _Block(nn.Module):
   activation: str = "gelu"
   dropout: float = 0.0
   layer_norm_eps: float = 1e-5
+  remat: str = "C0"
+  remat_policy: str = "nothing_saveable"
+  scanned: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+
+  def _remat(self, cls, static_argnums):
+    return remat_sublayer(cls, self.remat, self.remat_policy, static_argnums, self.scanned)
+
+  def _attention_kwargs(self, kwargs, name):
+    return dict(kwargs, remat_heads=self.remat == "C2", remat_policy=self.remat_policy, dtype=self.dtype,
+                param_dtype=self.param_dtype, name=name)
+
+  def _feed_forward(self):
+    return self._remat(FeedForward, (2,))(self.dim_ff, self.activation, self.dropout, dtype=self.dtype,
+                                          param_dtype=self.param_dtype, name="ff")
 
   def _sublayer(self, x, fn, name, deterministic):
     ln = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -68,18 +82,24 @@ class _Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
-    kw = dict(self.attention_kwargs, dtype=self.dtype, param_dtype=self.param_dtype, name="attention")
+    kw = self._attention_kwargs(self.attention_kwargs, "attention")
+    # attention __call__(self, x, context, mask, deterministic): deterministic is static argument 4
     if self.attention == "linformer":
-      attn = LinformerSelfAttention(shared_projection=self.shared_projection, **kw)
+      attn = self._remat(LinformerSelfAttention, (4,))(shared_projection=self.shared_projection, **kw)
     else:
-      attn = FullSelfAttention(**kw)
-    x = self._sublayer(x, lambda h: attn(h, mask=mask, deterministic=deterministic), "attention",
-                       deterministic)
+      attn = self._remat(FullSelfAttention, (4,))(**kw)
+    x = self._sublayer(x, lambda h: attn(h, None, mask, deterministic), "attention", deterministic)
     if self.include_ff:
-      ff = FeedForward(self.dim_ff, self.activation, self.dropout, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name="ff")
-      x = self._sublayer(x, lambda h: ff(h, deterministic=deterministic), "ff", deterministic)
+      ff = self._feed_forward()
+      x = self._sublayer(x, lambda h: ff(h, deterministic), "ff", deterministic)
     return x
+
+
+class _ScannedBlock(_Block):
+  """``_Block`` in ``nn.scan``'s (carry, x) → (carry, y) form; mask and deterministic are broadcast."""
+
+  def __call__(self, x, mask=None, deterministic: bool = True):
+    return super().__call__(x, mask, deterministic), None
 
 
 class LinformerFields(nn.Module):
@@ -106,7 +126,12 @@ class LinformerFields(nn.Module):
     dropout: dropout on sub-layer outputs and inside the feed-forward.
     attention_dropout: dropout on the attention weights.
     causal: only with attention="full" (a Linformer cannot be causal, see ``CAUSAL_ERROR``).
-    remat: checkpoint level; only "C0" (no rematerialisation) for now.
+    remat: checkpoint level "C0" (none) | "C1" (each sub-layer rematerialised) | "C2" (C1 + the attention
+      core one head at a time); see ``linformer_jax.remat``. The parameter tree does not depend on it.
+    remat_policy: what rematerialised regions keep: one of ``linformer_jax.remat.REMAT_POLICIES``.
+    scan_layers: run the identical layers with ``nn.scan`` (params stacked on a leading depth axis under
+      ``layers``): compile time roughly independent of depth. Needs identical layers, so not with
+      k_reduce_by_layer > 0 or sharing="layerwise".
     layer_norm_eps: LayerNorm epsilon (1e-5 as PyTorch).
   """
   max_len: int
@@ -129,6 +154,8 @@ class LinformerFields(nn.Module):
   attention_dropout: float = 0.0
   causal: bool = False
   remat: str = "C0"
+  remat_policy: str = "nothing_saveable"
+  scan_layers: bool = False
   layer_norm_eps: float = 1e-5
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -151,8 +178,8 @@ class LinformerFields(nn.Module):
     check_choice("attention", self.attention, ATTENTIONS)
     check_choice("norm", self.norm, NORMS)
     check_choice("activation", self.activation, tuple(ACTIVATIONS))
-    check_choice("remat", self.remat, REMAT_LEVELS)
-    for flag in ("projection_bias", "include_ff", "causal"):
+    validate_remat(self.remat, self.remat_policy)
+    for flag in ("projection_bias", "include_ff", "causal", "scan_layers"):
       check_bool(flag, getattr(self, flag))
     check_rate("dropout", self.dropout)
     check_rate("attention_dropout", self.attention_dropout)
@@ -169,6 +196,13 @@ class LinformerFields(nn.Module):
                        "sharing 'none', 'headwise' or 'kv', or k_reduce_by_layer=0.")
     if self.causal and self.attention == "linformer":
       raise ValueError(CAUSAL_ERROR)
+    if self.scan_layers and self.attention == "linformer" and (self.k_reduce_by_layer or
+                                                                self.sharing == "layerwise"):
+      raise ValueError(
+          "scan_layers=True needs identical layers, but "
+          + (f"k_reduce_by_layer={self.k_reduce_by_layer} gives each layer its own k"
+             if self.k_reduce_by_layer else "sharing='layerwise' shares one matrix across layers")
+          + "; use scan_layers=False (remat C1/C2 still apply), or k_reduce_by_layer=0 and another sharing.")
 
   def encoder_fields(self) -> dict:
     """The LinformerFields of this module as a dict (to build a ``Linformer`` from a wrapper)."""
@@ -193,7 +227,7 @@ class Linformer(LinformerFields):
     check_length("x", x.shape[1], self.max_len)
     check_mask(mask, x.shape[0], x.shape[1])
 
-  def _layer(self, i, k_i, shared, **overrides):
+  def _layer_fields(self, k_i, shared, **overrides):
     attention_kwargs = dict(num_heads=self.num_heads, head_dim=self.head_dim,
                             w_o_intermediate_dim=self.w_o_intermediate_dim,
                             attention_dropout=self.attention_dropout)
@@ -202,10 +236,11 @@ class Linformer(LinformerFields):
                               projection=self.projection, projection_bias=self.projection_bias)
     else:
       attention_kwargs.update(causal=self.causal)
-    return _Block(attention_kwargs, attention=self.attention, shared_projection=shared,
-                  dim_ff=self.dim_ff or 4 * self.dim, include_ff=self.include_ff, norm=self.norm,
-                  activation=self.activation, dropout=self.dropout, layer_norm_eps=self.layer_norm_eps,
-                  dtype=self.dtype, param_dtype=self.param_dtype, name=f"layer_{i}", **overrides)
+    return dict(attention_kwargs=attention_kwargs, attention=self.attention, shared_projection=shared,
+                dim_ff=self.dim_ff or 4 * self.dim, include_ff=self.include_ff, norm=self.norm,
+                activation=self.activation, dropout=self.dropout, layer_norm_eps=self.layer_norm_eps,
+                remat=self.remat, remat_policy=self.remat_policy, dtype=self.dtype,
+                param_dtype=self.param_dtype, **overrides)
 
   def _shared_projection(self):
     if self.sharing != "layerwise" or self.attention != "linformer":
@@ -217,8 +252,14 @@ class Linformer(LinformerFields):
   def __call__(self, x, mask=None, deterministic: bool = True):
     self._check_inputs(x, mask)
     shared = self._shared_projection()
-    for i, k_i in enumerate(self.k_per_layer()):
-      x = self._layer(i, k_i, shared)(x, mask, deterministic)
+    if self.scan_layers:
+      scan = nn.scan(_ScannedBlock, variable_axes={"params": 0, CONSTANTS: 0},
+                     split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast, nn.broadcast),
+                     length=self.depth)
+      x, _ = scan(**self._layer_fields(self.k, None, scanned=True), name="layers")(x, mask, deterministic)
+    else:
+      for i, k_i in enumerate(self.k_per_layer()):
+        x = _Block(**self._layer_fields(k_i, shared), name=f"layer_{i}")(x, mask, deterministic)
     if self.norm == "pre":
       x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                        name="ln_final")(x)
@@ -310,35 +351,26 @@ class LinformerClassifier(LinformerFields, kw_only=True):
     return dense(self.num_classes, "head")(pooled)
 
 
-class _DecoderBlock(nn.Module):
-  """Causal full self-attention → Linformer cross-attention over the encoder output → feed-forward."""
-  self_attention_kwargs: Any
-  cross_attention_kwargs: Any
-  shared_projection: Optional[nn.Module] = None
-  dim_ff: int = 1024
-  include_ff: bool = True
-  norm: str = "pre"
-  activation: str = "gelu"
-  dropout: float = 0.0
-  layer_norm_eps: float = 1e-5
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+class _DecoderBlock(_Block, kw_only=True):
+  """Causal full self-attention → Linformer cross-attention over the encoder output → feed-forward.
 
-  _sublayer = _Block._sublayer
+  ``attention_kwargs`` configure the self-attention, ``cross_attention_kwargs`` the cross-attention.
+  """
+  cross_attention_kwargs: Any
 
   @nn.compact
   def __call__(self, y, enc, tgt_mask=None, src_mask=None, deterministic: bool = True):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self_attn = FullSelfAttention(causal=True, **self.self_attention_kwargs, **kw, name="self_attention")
-    cross = LinformerSelfAttention(shared_projection=self.shared_projection, **self.cross_attention_kwargs,
-                                   **kw, name="cross_attention")
-    y = self._sublayer(y, lambda h: self_attn(h, mask=tgt_mask, deterministic=deterministic),
-                       "self_attention", deterministic)
-    y = self._sublayer(y, lambda h: cross(h, context=enc, mask=src_mask, deterministic=deterministic),
-                       "cross_attention", deterministic)
+    self_attn = self._remat(FullSelfAttention, (4,))(
+        causal=True, **self._attention_kwargs(self.attention_kwargs, "self_attention"))
+    cross = self._remat(LinformerSelfAttention, (4,))(
+        shared_projection=self.shared_projection,
+        **self._attention_kwargs(self.cross_attention_kwargs, "cross_attention"))
+    y = self._sublayer(y, lambda h: self_attn(h, None, tgt_mask, deterministic), "self_attention",
+                       deterministic)
+    y = self._sublayer(y, lambda h: cross(h, enc, src_mask, deterministic), "cross_attention", deterministic)
     if self.include_ff:
-      ff = FeedForward(self.dim_ff, self.activation, self.dropout, **kw, name="ff")
-      y = self._sublayer(y, lambda h: ff(h, deterministic=deterministic), "ff", deterministic)
+      ff = self._feed_forward()
+      y = self._sublayer(y, lambda h: ff(h, deterministic), "ff", deterministic)
     return y
 
 
@@ -379,12 +411,13 @@ class LinformerEncDec(LinformerFields, kw_only=True):
     heads = dict(num_heads=self.num_heads, head_dim=self.head_dim,
                  w_o_intermediate_dim=self.w_o_intermediate_dim, attention_dropout=self.attention_dropout)
     self.decoder_layers = [
-        _DecoderBlock(heads, dict(heads, max_len=self.max_len, k=max(1, self.k - i * self.k_reduce_by_layer),
-                                  sharing=self.sharing, projection=self.projection,
-                                  projection_bias=self.projection_bias),
+        _DecoderBlock(attention_kwargs=heads, cross_attention_kwargs=dict(
+            heads, max_len=self.max_len, k=max(1, self.k - i * self.k_reduce_by_layer), sharing=self.sharing,
+            projection=self.projection, projection_bias=self.projection_bias),
                       shared_projection=self.decoder_EF, dim_ff=self.dim_ff or 4 * self.dim,
                       include_ff=self.include_ff, norm=self.norm, activation=self.activation,
-                      dropout=self.dropout, layer_norm_eps=self.layer_norm_eps, **kw)
+                      dropout=self.dropout, layer_norm_eps=self.layer_norm_eps, remat=self.remat,
+                      remat_policy=self.remat_policy, **kw)
         for i in range(depth)]
     self.decoder_ln = nn.LayerNorm(epsilon=self.layer_norm_eps, **kw) if self.norm == "pre" else None
     self.logits = nn.Dense(self.target_vocab_size or self.vocab_size, **kw)

@@ -25,6 +25,7 @@ from linformer_jax._validate import check_choice, check_int, check_rate
 from linformer_jax.layers.attention import FullSelfAttention
 from linformer_jax.layers.drop_path import DropPath
 from linformer_jax.layers.mlp import FeedForward
+from linformer_jax.remat import map_heads, remat_sublayer, validate_remat
 
 LN_EPS = 1e-6  # LayerNorm epsilon everywhere in XCiT
 BN_MOMENTUM = 0.9  # = PyTorch momentum 0.1
@@ -59,6 +60,9 @@ class XCA(nn.Module):
   normalize_qk: bool = True
   learnable_temperature: bool = True
 
+  remat_heads: bool = False
+  remat_policy: str = "nothing_saveable"
+
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     b, n, c = x.shape
@@ -67,18 +71,39 @@ class XCA(nn.Module):
       raise ValueError(f"embed_dim={c} is not divisible by num_heads={h}.")
     qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, kernel_init=dense_init, name="qkv")(x)
     q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, h, c // h), 2, 0)  # each (b, N, h, d_h)
-    if self.normalize_qk:  # F.normalize: x / max(‖x‖, 1e-12) along the token axis
-      q = q / jnp.maximum(jnp.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-      k = k / jnp.maximum(jnp.linalg.norm(k, axis=1, keepdims=True), 1e-12)
     temperature = (self.param("temperature", nn.initializers.ones, (h,)) if self.learnable_temperature
                    else jnp.ones((h,), x.dtype))
-    attn = jax.nn.softmax(jnp.einsum("bnhi,bnhj->bhij", q, k) * temperature[:, None, None], axis=-1)
-    if self.is_mutable_collection("intermediates"):
-      self.sow("intermediates", "attention_weights", attn)
-    attn = nn.Dropout(self.attention_dropout)(attn, deterministic=deterministic)
-    out = jnp.einsum("bhij,bnhj->bnhi", attn, v).reshape(b, n, c)  # channel = h·d_h + i
-    out = nn.Dense(c, kernel_init=dense_init, name="proj")(out)
+    rate = 0.0 if deterministic else self.attention_dropout
+    rng = self.make_rng("dropout") if rate > 0.0 else None
+    sow = self.is_mutable_collection("intermediates")
+    if self.remat_heads and not sow:  # level C2: one head at a time (maps are sown only without it)
+      keys = None if rng is None else jax.random.split(rng, h)
+      t = jnp.broadcast_to(temperature[None, None, :, None], (1, 1, h, 1))
+      one_head = lambda qh, kh, vh, th, key=None: xca_core(qh, kh, vh, th.reshape(1), self.normalize_qk,
+                                                           rate, key)[0]
+      out = map_heads(one_head, self.remat_policy, q, k, v, t, extra=keys)
+    else:
+      out, attn = xca_core(q, k, v, temperature, self.normalize_qk, rate, rng)
+      if sow:
+        self.sow("intermediates", "attention_weights", attn)
+    out = nn.Dense(c, kernel_init=dense_init, name="proj")(out.reshape(b, n, c))  # channel = h·d_h + i
     return nn.Dropout(self.dropout)(out, deterministic=deterministic)
+
+
+def xca_core(q, k, v, temperature, normalize_qk=True, dropout_rate=0.0, dropout_rng=None):
+  """The XCA attention core. q, k, v (batch, N, h, d_h); temperature (h,).
+
+  Returns out (batch, N, h, d_h) with out_i = Σ_j A[i, j] v_j, and A (batch, h, d_h, d_h).
+  """
+  if normalize_qk:  # F.normalize: x / max(‖x‖, 1e-12) along the token axis
+    q = q / jnp.maximum(jnp.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    k = k / jnp.maximum(jnp.linalg.norm(k, axis=1, keepdims=True), 1e-12)
+  attn = jax.nn.softmax(jnp.einsum("bnhi,bnhj->bhij", q, k) * temperature[:, None, None], axis=-1)
+  weights = attn
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, attn.shape)
+    weights = jnp.where(keep, attn / (1.0 - dropout_rate), 0.0)
+  return jnp.einsum("bhij,bnhj->bnhi", weights, v), attn
 
 
 class LPI(nn.Module):
@@ -175,6 +200,15 @@ class XCABlock(nn.Module):
   normalize_qk: bool = True
   learnable_temperature: bool = True
   bn_axis_name: Optional[str] = None
+  remat: str = "C0"
+  remat_policy: str = "nothing_saveable"
+  scanned: bool = False
+
+  def _remat(self, cls, static_argnums):
+    return remat_sublayer(cls, self.remat, self.remat_policy, static_argnums, self.scanned)
+
+  def _heads(self):
+    return dict(remat_heads=self.remat == "C2", remat_policy=self.remat_policy)
 
   @nn.compact
   def __call__(self, x: jax.Array, grid: tuple[int, int], train: bool = False) -> jax.Array:
@@ -183,19 +217,27 @@ class XCABlock(nn.Module):
     gamma = lambda name: self.param(name, nn.initializers.constant(self.eta), (c,))
     drop_path = lambda y: DropPath(self.drop_path_rate)(y, deterministic=det)
     if self.attention == "xca":
-      attn = XCA(self.num_heads, self.qkv_bias, self.attn_drop_rate, self.drop_rate, self.normalize_qk,
-                 self.learnable_temperature, name="attn")
-      attend = lambda y: attn(y, deterministic=det)
+      attn = self._remat(XCA, (2,))(self.num_heads, self.qkv_bias, self.attn_drop_rate, self.drop_rate,
+                                    self.normalize_qk, self.learnable_temperature, **self._heads(), name="attn")
+      attend = lambda y: attn(y, det)
     else:
-      attn = FullSelfAttention(self.num_heads, qkv_bias=self.qkv_bias, attention_dropout=self.attn_drop_rate,
-                               name="attn")
-      attend = lambda y: nn.Dropout(self.drop_rate)(attn(y, deterministic=det), deterministic=det)
+      attn = self._remat(FullSelfAttention, (4,))(self.num_heads, qkv_bias=self.qkv_bias,
+                                                  attention_dropout=self.attn_drop_rate, **self._heads(),
+                                                  name="attn")
+      attend = lambda y: nn.Dropout(self.drop_rate)(attn(y, None, None, det), deterministic=det)
     x = x + drop_path(gamma("gamma1") * attend(_layer_norm("norm1")(x)))
     if self.use_lpi:
-      lpi = LPI(bn_axis_name=self.bn_axis_name, name="local_mp")
+      lpi = self._remat(LPI, (2, 3))(bn_axis_name=self.bn_axis_name, name="local_mp")
       x = x + drop_path(gamma("gamma3") * lpi(_layer_norm("norm3")(x), grid, train))
-    mlp = FeedForward(int(c * self.mlp_ratio), "gelu", self.drop_rate, name="mlp")
-    return x + drop_path(gamma("gamma2") * mlp(_layer_norm("norm2")(x), deterministic=det))
+    mlp = self._remat(FeedForward, (2,))(int(c * self.mlp_ratio), "gelu", self.drop_rate, name="mlp")
+    return x + drop_path(gamma("gamma2") * mlp(_layer_norm("norm2")(x), det))
+
+
+class _ScannedXCABlock(XCABlock):
+  """``XCABlock`` in ``nn.scan``'s (carry, x) → (carry, y) form; grid and train are broadcast."""
+
+  def __call__(self, x, grid, train=False):
+    return super().__call__(x, grid, train), None
 
 
 class ClassAttentionBlock(nn.Module):
@@ -215,6 +257,12 @@ class ClassAttentionBlock(nn.Module):
   attn_drop_rate: float = 0.0
   eta: float = 1.0
   tokens_norm: bool = False
+  remat: str = "C0"
+  remat_policy: str = "nothing_saveable"
+
+  _remat = XCABlock._remat
+  _heads = XCABlock._heads
+  scanned = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -222,14 +270,15 @@ class ClassAttentionBlock(nn.Module):
     det = not train
     gamma = lambda name: self.param(name, nn.initializers.constant(self.eta), (c,))
     xn = _layer_norm("norm1")(x)
-    attn = FullSelfAttention(self.num_heads, qkv_bias=self.qkv_bias, attention_dropout=self.attn_drop_rate,
-                             name="attn")
-    cls = nn.Dropout(self.drop_rate)(attn(xn[:, :1], context=xn, deterministic=det), deterministic=det)
+    attn = self._remat(FullSelfAttention, (4,))(self.num_heads, qkv_bias=self.qkv_bias,
+                                                attention_dropout=self.attn_drop_rate, **self._heads(),
+                                                name="attn")
+    cls = nn.Dropout(self.drop_rate)(attn(xn[:, :1], xn, None, det), deterministic=det)
     x = x + gamma("gamma1") * jnp.concatenate([cls, xn[:, 1:]], axis=1)
     norm2 = _layer_norm("norm2")
     x = norm2(x) if self.tokens_norm else jnp.concatenate([norm2(x[:, :1]), x[:, 1:]], axis=1)
-    mlp = FeedForward(int(c * self.mlp_ratio), "gelu", self.drop_rate, name="mlp")
-    cls = gamma("gamma2") * mlp(x[:, :1], deterministic=det)
+    mlp = self._remat(FeedForward, (2,))(int(c * self.mlp_ratio), "gelu", self.drop_rate, name="mlp")
+    cls = gamma("gamma2") * mlp(x[:, :1], det)
     return x + jnp.concatenate([cls, x[:, 1:]], axis=1)
 
 
@@ -249,6 +298,9 @@ class XCiT(nn.Module):
     bn_axis_name: mapped axis name for cross-replica BatchNorm statistics in data-parallel training
       (SyncBatchNorm); None = per-device statistics.
     use_pos_embed, use_lpi, attention ("xca" | "self"), normalize_qk, learnable_temperature: ablation switches.
+    remat: "C0" | "C1" (each attention/LPI/MLP sub-layer rematerialised) | "C2" (C1 + attention one head at a
+      time); remat_policy: see ``linformer_jax.remat``. The parameter tree does not depend on them.
+    scan_layers: run the XCA blocks with ``nn.scan`` (params and batch stats stacked under ``blocks``).
   Call: ``module.apply(variables, images, train=False)`` with images (batch, H, W, in_chans) float, H and W
   divisible by patch_size. ``train=True`` needs ``mutable=["batch_stats"]`` and a "dropout" rng when
   dropout/drop-path rates are non-zero. Returns logits (batch, num_classes).
@@ -275,9 +327,13 @@ class XCiT(nn.Module):
   attention: str = "xca"
   normalize_qk: bool = True
   learnable_temperature: bool = True
+  remat: str = "C0"
+  remat_policy: str = "nothing_saveable"
+  scan_layers: bool = False
 
   def __post_init__(self):
     check_choice("patch_size", self.patch_size, (16, 8))
+    validate_remat(self.remat, self.remat_policy)
     for name in ("in_chans", "embed_dim", "depth", "num_heads", "img_size"):
       check_int(name, getattr(self, name), minimum=1)
     check_int("num_classes", self.num_classes, minimum=0)
@@ -298,11 +354,21 @@ class XCiT(nn.Module):
     if self.use_pos_embed:
       self.pos_embed = FourierPositionalEncoding(self.embed_dim)
     self.cls_token = self.param("cls_token", dense_init, (1, 1, self.embed_dim))
-    self.blocks = [XCABlock(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate, self.attn_drop_rate,
-                            self.drop_path_rate, self.eta, self.use_lpi, self.attention, self.normalize_qk,
-                            self.learnable_temperature, self.bn_axis_name) for _ in range(self.depth)]
+    block = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
+                 drop_rate=self.drop_rate, attn_drop_rate=self.attn_drop_rate,
+                 drop_path_rate=self.drop_path_rate, eta=self.eta, use_lpi=self.use_lpi, attention=self.attention,
+                 normalize_qk=self.normalize_qk, learnable_temperature=self.learnable_temperature,
+                 bn_axis_name=self.bn_axis_name, remat=self.remat, remat_policy=self.remat_policy)
+    if self.scan_layers:
+      scan = nn.scan(_ScannedXCABlock, variable_axes={"params": 0, "batch_stats": 0},
+                     split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast, nn.broadcast),
+                     length=self.depth)
+      self.blocks = scan(**block, scanned=True)
+    else:
+      self.blocks = [XCABlock(**block) for _ in range(self.depth)]
     self.cls_attn_blocks = [ClassAttentionBlock(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate,
-                                                self.attn_drop_rate, self.eta, self.tokens_norm)
+                                                self.attn_drop_rate, self.eta, self.tokens_norm, self.remat,
+                                                self.remat_policy)
                             for _ in range(self.cls_attn_layers)]
     self.norm = _layer_norm("norm")
     self.pos_drop = nn.Dropout(self.drop_rate)
@@ -327,8 +393,11 @@ class XCiT(nn.Module):
     if self.use_pos_embed:
       x = x + self.pos_embed((hp, wp))[None].astype(x.dtype)
     x = self.pos_drop(x, deterministic=not train)
-    for blk in self.blocks:
-      x = blk(x, (hp, wp), train)
+    if self.scan_layers:
+      x, _ = self.blocks(x, (hp, wp), train)
+    else:
+      for blk in self.blocks:
+        x = blk(x, (hp, wp), train)
     x = jnp.concatenate([jnp.broadcast_to(self.cls_token, (b, 1, c)).astype(x.dtype), x], axis=1)
     for blk in self.cls_attn_blocks:
       x = blk(x, train)

@@ -1,0 +1,131 @@
+"""Memory/time of checkpoint levels C0/C1/C2 and named remat policies for a training step.
+
+    python -m experiments.bench_remat --out DIR [--quick]
+
+Sweeps depth × heads × level (policy "nothing_saveable") for a Linformer gradient step (scanned layers,
+n=1024, dim=256, k=128, batch 4; --quick: n=512, dim=128, k=64, batch 2, fewer points), every named policy
+at depth 12 / 8 heads (C1; --quick: two policies), and XCiT-T12 (224², batch 8; --quick: XCiT-N12 at 32²,
+batch 2) at each level.
+Rows: model, depth, heads, level, policy, temp_bytes (XLA temp, compile time, deterministic),
+argument_bytes, compile_s, step_time_s (median of ≥5 runs after warm-up). Writes DIR/remat.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from experiments.bench_common import compile_fn, median_time, write_outputs
+from linformer_jax.models import Linformer, create_model
+from linformer_jax.remat import REMAT_LEVELS, REMAT_POLICIES
+
+COLUMNS = ["model", "depth", "heads", "level", "policy", "temp_bytes", "temp_vs_C0", "step_time_s",
+           "time_vs_C0", "compile_s"]
+
+
+def _train_step(apply_fn, tx):
+  """One optimizer step on mean squared output (a stand-in loss with the same backward pass)."""
+  def step(params, opt_state, extra, x):
+    loss, grads = jax.value_and_grad(lambda p: jnp.mean(apply_fn({"params": p, **extra}, x) ** 2))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+  return step
+
+
+def measure(model, x, repeats: int) -> dict:
+  variables = model.init(jax.random.key(0), x)
+  params = variables.pop("params") if isinstance(variables, dict) else variables["params"]
+  extra = {k: v for k, v in variables.items() if k != "params"}
+  tx = optax.adafactor(1e-3)
+  opt_state = tx.init(params)
+  step = _train_step(model.apply, tx)
+  compiled, compile_s, memory = compile_fn(step, params, opt_state, extra, x)
+  return dict(memory, compile_s=round(compile_s, 3),
+              step_time_s=median_time(compiled, params, opt_state, extra, x, repeats=repeats))
+
+
+def run(quick: bool, repeats: int):
+  if quick:
+    n, dim, k, batch, depths, heads_list = 512, 128, 64, 2, (2, 6), (4, 16)
+    xcit_name, img, img_batch = "xcit_nano_12_p16_224", 32, 2
+  else:
+    n, dim, k, batch, depths, heads_list = 1024, 256, 128, 4, (2, 4, 8, 12, 24), (4, 8, 16)
+    xcit_name, img, img_batch = "xcit_tiny_12_p16_224", 224, 8
+  x = jax.random.normal(jax.random.key(1), (batch, n, dim))
+  rows = []
+
+  def add(model_name, depth, heads, level, policy, result):
+    rows.append(dict(model=model_name, depth=depth, heads=heads, level=level, policy=policy, **result))
+    r = rows[-1]
+    print(f"{model_name:>22} depth {depth:>2} heads {heads:>2} {level} {policy:<34} temp "
+          f"{r['temp_bytes'] / 2**20:9.1f} MiB  step {r['step_time_s'] * 1e3:8.1f} ms", flush=True)
+
+  lin = f"linformer_n{n}_d{dim}_k{k}"
+  for depth, heads in itertools.product(depths, heads_list):
+    for level in REMAT_LEVELS:
+      model = Linformer(max_len=n, dim=dim, depth=depth, num_heads=heads, k=k, scan_layers=True, remat=level)
+      add(lin, depth, heads, level, "nothing_saveable", measure(model, x, repeats))
+  pdepth, pheads = (6, 4) if quick else (12, 8)
+  policies = ("dots_saveable", "save_projections") if quick else REMAT_POLICIES[1:]
+  for policy in policies:
+    model = Linformer(max_len=n, dim=dim, depth=pdepth, num_heads=pheads, k=k, scan_layers=True, remat="C1",
+                      remat_policy=policy)
+    add(lin, pdepth, pheads, "C1", policy, measure(model, x, repeats))
+
+  images = jax.random.normal(jax.random.key(2), (img_batch, img, img, 3))
+  for level in REMAT_LEVELS:
+    model = create_model(xcit_name, scan_layers=True, remat=level)
+    add(f"{xcit_name}@{img}", model.depth, model.num_heads, level, "nothing_saveable",
+        measure(model, images, repeats))
+
+  # ratios against C0 of the same model/depth/heads (policy nothing_saveable)
+  base = {(r["model"], r["depth"], r["heads"]): r for r in rows if r["level"] == "C0"}
+  for r in rows:
+    b = base.get((r["model"], r["depth"], r["heads"]))
+    if b:
+      r["temp_vs_C0"] = round(r["temp_bytes"] / b["temp_bytes"], 3)
+      r["time_vs_C0"] = round(r["step_time_s"] / b["step_time_s"], 3)
+  return rows
+
+
+def plot(rows, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  lin = [r for r in rows if r["model"].startswith("linformer") and r["policy"] == "nothing_saveable"]
+  heads_list = sorted({r["heads"] for r in lin})
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for level, style in zip(REMAT_LEVELS, ("-o", "--s", ":^")):
+    for heads in heads_list:
+      pts = sorted((r["depth"], r) for r in lin if r["level"] == level and r["heads"] == heads)
+      axes[0].plot([d for d, _ in pts], [r["temp_bytes"] / 2**20 for _, r in pts], style,
+                   label=f"{level} h={heads}")
+      axes[1].plot([d for d, _ in pts], [r["step_time_s"] * 1e3 for _, r in pts], style,
+                   label=f"{level} h={heads}")
+  axes[0].set(xlabel="depth", ylabel="XLA temp memory (MiB)", title="Linformer train step: memory")
+  axes[1].set(xlabel="depth", ylabel="step time (ms)", title="Linformer train step: time")
+  axes[0].legend(fontsize=7, ncol=3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--out", required=True, help="output directory")
+  p.add_argument("--quick", action="store_true", help="small sweep (< 2 min on 2 CPU cores)")
+  p.add_argument("--repeats", type=int, default=5)
+  args = p.parse_args(argv)
+  rows = run(args.quick, max(args.repeats, 5))
+  out = write_outputs(args.out, "remat", rows, COLUMNS, "Checkpoint levels C0/C1/C2: memory and time",
+                      notes="temp_bytes = XLA compile-time temp buffers of one optimizer step; "
+                            "step_time_s = median of >= 5 runs after warm-up.")
+  plot(rows, out / "remat.png")
+  print(f"wrote {out / 'remat.json'}, {out / 'remat.md'}, {out / 'remat.png'}")
+
+
+if __name__ == "__main__":
+  main()

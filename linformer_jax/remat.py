@@ -1,0 +1,87 @@
+"""Checkpoint levels C0/C1/C2 (from linformer-pytorch) as ``jax.checkpoint`` (remat) policies.
+
+* ``C0``: no rematerialisation; every intermediate of the forward pass is kept for the backward pass.
+* ``C1``: each attention and feed-forward sub-layer is wrapped in ``nn.remat``: only its inputs (and what the
+  policy saves) are kept; the rest is recomputed in the backward pass, so depth costs little memory.
+* ``C2``: C1 plus the attention core (scores, softmax, weighted sum) computed one head at a time under
+  ``jax.checkpoint`` inside ``lax.map``, so only one head's n×k (Linformer) / n×n (full) / d_h×d_h (XCA)
+  intermediates are live at once — unlike the original, where all heads are still materialised together.
+
+``remat_policy`` names what a rematerialised region may keep:
+
+| name | keeps |
+|---|---|
+| ``nothing_saveable`` (default) | nothing but the region's inputs |
+| ``dots_saveable`` | results of all matmuls |
+| ``dots_with_no_batch_dims_saveable`` | results of matmuls without batch dimensions (the weight matmuls) |
+| ``everything_saveable`` | everything (no saving; for testing) |
+| ``save_projections`` | the tagged q, k, v and the projected K̄ = E·K, V̄ = F·V (``checkpoint_name``) |
+| ``offload_dots`` | weight-matmul results, offloaded to pinned host memory (needs a backend with it) |
+
+The parameter tree does not depend on the level: rematerialised modules keep their explicit names, so a
+checkpoint saved at C0 loads at C1 and C2.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from linformer_jax._validate import check_choice
+
+REMAT_LEVELS = ("C0", "C1", "C2")
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "everything_saveable", "save_projections", "offload_dots")
+SAVED_PROJECTION_NAMES = ("query", "key", "value", "k_bar", "v_bar")
+
+
+def validate_remat(level: str, policy: str) -> None:
+  """Raises ValueError for an unknown level or policy name, or an offload policy the backend can't run."""
+  check_choice("remat", level, REMAT_LEVELS)
+  check_choice("remat_policy", policy, REMAT_POLICIES)
+  if policy == "offload_dots" and level != "C0":
+    kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
+    if "pinned_host" not in kinds:
+      raise ValueError(f"remat_policy='offload_dots' needs pinned host memory, which backend "
+                       f"{jax.default_backend()!r} does not offer (memory kinds: {sorted(kinds)}); choose one of "
+                       f"{', '.join(p for p in REMAT_POLICIES if p != 'offload_dots')}.")
+
+
+def checkpoint_policy(name: str) -> Optional[Callable]:
+  """The ``jax.checkpoint`` policy for a name in ``REMAT_POLICIES``."""
+  check_choice("remat_policy", name, REMAT_POLICIES)
+  policies = jax.checkpoint_policies
+  if name == "save_projections":
+    return policies.save_only_these_names(*SAVED_PROJECTION_NAMES)
+  if name == "offload_dots":
+    return policies.offload_dot_with_no_batch_dims(offload_src="device", offload_dst="pinned_host")
+  return getattr(policies, name)
+
+
+def remat_sublayer(module_cls: type, level: str, policy: str, static_argnums: tuple[int, ...],
+                   scanned: bool = False) -> type:
+  """``nn.remat(module_cls)`` at C1/C2, the class itself at C0.
+
+  static_argnums count ``self`` as 0 (flax convention), e.g. (2,) for ``__call__(self, x, deterministic)``.
+  Inside ``nn.scan`` CSE cannot merge the recomputation, so ``prevent_cse`` is off there (faster).
+  """
+  if level == "C0":
+    return module_cls
+  return nn.remat(module_cls, policy=checkpoint_policy(policy), static_argnums=static_argnums,
+                  prevent_cse=not scanned)
+
+
+def map_heads(fn: Callable, policy: str, *arrays: jax.Array, head_axis: int = 2,
+              extra: Optional[jax.Array] = None) -> jax.Array:
+  """Applies ``fn`` one head at a time under ``jax.checkpoint`` (level C2).
+
+  arrays: each with the heads on ``head_axis`` (e.g. (batch, n, heads, d_h)); fn receives one head's slices
+  with that axis kept at size 1, plus ``extra[h]`` if given (e.g. a per-head dropout key), and returns an array
+  with a size-1 head axis at ``head_axis``. Returns the per-head results concatenated on ``head_axis``.
+  """
+  sliced = tuple(jnp.expand_dims(jnp.moveaxis(a, head_axis, 0), head_axis + 1) for a in arrays)
+  body = jax.checkpoint(lambda xs: fn(*xs), policy=checkpoint_policy(policy))
+  out = jax.lax.map(body, sliced + ((extra,) if extra is not None else ()))
+  return jnp.moveaxis(jnp.squeeze(out, head_axis + 1), 0, head_axis)
