@@ -1,0 +1,524 @@
+"""ListOps (Long Range Arena): a seeded re-implementation of the LRA generator, LRA TSV I/O, tokeniser.
+
+Generator (``lra_benchmarks/data/listops.py``, task ``basic``): a tree node at depth < max_depth is an
+operator with probability 0.25, otherwise (and always at depth == max_depth) a digit 0–9. An operator
+node has ``randint(2, max_args)`` children and an operator drawn uniformly from
+``[MIN [MAX [MED [SM``; it prints as left-nested pairs,
+
+    MAX(2, 9) → ``( ( ( [MAX 2 ) 9 ) ] )``
+
+and its length (tokens without parentheses) is 2 + the children's lengths. Labels: MIN, MAX,
+MED = ``int(np.median(args))`` (the floor of the mean of the two middle values for an even count),
+SM = ``sum(args) % 10``: 10 classes. Trees with ``min_length < length < max_length`` (strict) are kept
+unless already seen (deduplicated with a set of strings), in insertion order until
+``num_train + num_val + num_test`` are found; the first `num_train` are train, the next `num_val` val,
+the last `num_test` test. LRA defaults: 96,000 / 2,000 / 2,000, lengths (500, 2000), depth 10, 10 args.
+
+Difference from LRA: LRA draws from Python's *unseeded* ``random`` module and splits in (hash-dependent)
+set order; here every draw comes from ``np.random.default_rng(seed)`` (one uniform per decision) and the
+split follows insertion order, so a seed gives the same data set on every machine. The distribution of
+trees is the same. Trees that grow past `max_length` are abandoned as soon as they do (they would be
+rejected anyway).
+
+Files (LRA format): ``basic_train.tsv``, ``basic_val.tsv``, ``basic_test.tsv``, each with the header
+``Source<TAB>Target`` and one ``<tree string><TAB><label>`` row per example. ``data.path`` may point at a
+directory with LRA's original files; generated sets are cached in
+``<cache_dir>/listops/<key>/`` (TSVs plus an encoded ``encoded.npz``).
+
+Tokenisation (as LRA's ``listops/input_pipeline.py``): drop ``(`` and ``)``, ``]`` → ``X``, split on
+whitespace; then a FIXED vocabulary (LRA's is built from a set, so its order varies between runs):
+
+    0 <pad>, 1..10 digits "0".."9", 11 "[MIN", 12 "[MAX", 13 "[MED", 14 "[SM", 15 "X", 16 <oov>
+
+`VOCAB_SIZE` = 17 (LRA: also 17 = 15 tokens + pad + OOV). Sequences are truncated/padded with 0 to
+`max_len` (2000 in LRA; the classifier prepends CLS itself).
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from linformer_jax.data.base import Batch, Dataset, atomic_save_npz, check_int_arg, resolve_cache_dir
+
+OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
+VALUE_P = 0.25  # LRA: r > VALUE_P → leaf; so an operator with probability 0.25.
+TASK = "basic"
+SPLIT_FILES = {"train": f"{TASK}_train.tsv", "val": f"{TASK}_val.tsv", "test": f"{TASK}_test.tsv"}
+HEADER = ("Source", "Target")
+NUM_CLASSES = 10
+
+PAD_ID = 0
+VOCAB: Tuple[str, ...] = ("<pad>",) + tuple(str(d) for d in range(10)) + OPERATORS + ("X", "<oov>")
+TOKEN_TO_ID: Dict[str, int] = {t: i for i, t in enumerate(VOCAB) if not t.startswith("<")}
+OOV_ID = VOCAB.index("<oov>")
+VOCAB_SIZE = len(VOCAB)  # 17
+
+# LRA defaults.
+DEFAULT_COUNTS = {"train": 96_000, "val": 2_000, "test": 2_000}
+DEFAULT_MIN_LENGTH = 500
+DEFAULT_MAX_LENGTH = 2000
+DEFAULT_MAX_DEPTH = 10
+DEFAULT_MAX_ARGS = 10
+DEFAULT_MAX_LEN = 2000
+
+_CACHE_VERSION = 1
+_PAREN_TABLE = str.maketrans({"(": " ", ")": " ", "]": "X"})
+_CHUNK = 1 << 16
+
+
+class _TooLong(Exception):
+  pass
+
+
+def max_tree_length(max_depth: int, max_args: int) -> int:
+  """The longest possible tree: every node above max_depth an operator with max_args children."""
+  length = 1
+  for _ in range(max_depth - 1):
+    length = 2 + max_args * length
+  return length
+
+
+def check_generator_args(min_length: int, max_length: int, max_depth: int, max_args: int) -> None:
+  """Validates the generator settings (names as in the data config)."""
+  check_int_arg("data.min_length", min_length, minimum=0)
+  check_int_arg("data.max_length", max_length, minimum=2)
+  check_int_arg("data.max_depth", max_depth, minimum=1)
+  check_int_arg("data.max_args", max_args, minimum=2)
+  if max_length - min_length < 2:
+    raise ValueError(f"data.min_length={min_length} and data.max_length={max_length} leave no length: "
+                     "kept trees satisfy min_length < length < max_length (strict), so max_length must "
+                     "be >= min_length + 2.")
+  longest = max_tree_length(max_depth, max_args)
+  if longest <= min_length:
+    raise ValueError(f"data.min_length={min_length} is unreachable: with data.max_depth={max_depth} and "
+                     f"data.max_args={max_args} the longest tree has {longest} tokens.")
+
+
+def generate(num_examples: int, *, seed: int, min_length: int = DEFAULT_MIN_LENGTH,
+             max_length: int = DEFAULT_MAX_LENGTH, max_depth: int = DEFAULT_MAX_DEPTH,
+             max_args: int = DEFAULT_MAX_ARGS, max_attempts: Optional[int] = None
+             ) -> Tuple[List[str], List[int]]:
+  """Generates `num_examples` distinct ListOps trees (see the module docstring).
+
+  Randomness: one stream of uniforms ``np.random.default_rng(seed).random(...)``; every decision takes
+  the next uniform u: operator iff u <= 0.25 (at depth < max_depth), children ``2 + int(u*(max_args-1))``,
+  operator ``OPERATORS[int(4u)]`` (drawn after the children, as in LRA), digit ``int(10u)``. Two passes
+  per tree: a cheap length-only pass that gives up once the length reaches `max_length`, then, only for
+  trees of an accepted length, a pass over the same uniforms that builds the string and its value.
+
+  Args:
+    num_examples: how many distinct trees to keep.
+    seed: seed of ``np.random.default_rng``.
+    min_length, max_length: keep ``min_length < length < max_length`` (tokens without parentheses).
+    max_depth, max_args: tree depth limit (root = depth 1) and the most children of an operator.
+    max_attempts: give up (RuntimeError) after this many trees; default ``1000 * num_examples + 10**6``.
+
+  Returns:
+    (sources, labels): lists of tree strings (LRA format, with parentheses) and int labels 0..9, in
+    insertion order.
+  """
+  check_int_arg("num_examples", num_examples, minimum=0)
+  check_int_arg("data.seed", seed, minimum=0)
+  check_generator_args(min_length, max_length, max_depth, max_args)
+  if max_attempts is None:
+    max_attempts = 1000 * num_examples + 10**6
+  rng = np.random.default_rng(seed)
+  span = max_args - 1
+  # Most uniforms one tree can take before its length reaches max_length (3 per node, 1 node per token).
+  need = 3 * max_length + 16
+  buf: List[float] = []
+  pos = 0
+  count = 0
+  digits = tuple(str(d) for d in range(10))
+
+  def size(depth: int) -> None:
+    """Length-only pass from an operator node's first child count: advances pos, adds to count.
+
+    Called after the node's leaf/operator uniform; raises _TooLong once count reaches max_length.
+    Leaf children are handled inline (3/4 of all nodes) to save calls.
+    """
+    nonlocal pos, count
+    m = 2 + int(buf[pos] * span)
+    pos += 1
+    count += 2
+    child_can_branch = depth + 1 < max_depth
+    for _ in range(m):
+      if child_can_branch:
+        r = buf[pos]
+        pos += 1
+        if r <= VALUE_P:
+          size(depth + 1)
+          continue
+      count += 1
+      if count >= max_length:
+        raise _TooLong
+      pos += 1  # The digit.
+    pos += 1  # The operator.
+
+  def build(depth: int) -> Tuple[str, int]:
+    """Second pass over the same uniforms for an operator node: (string, value)."""
+    nonlocal pos
+    m = 2 + int(buf[pos] * span)
+    pos += 1
+    child_can_branch = depth + 1 < max_depth
+    strs = []
+    vals = []
+    for _ in range(m):
+      if child_can_branch:
+        r = buf[pos]
+        pos += 1
+        if r <= VALUE_P:
+          s, v = build(depth + 1)
+          strs.append(s)
+          vals.append(v)
+          continue
+      d = int(buf[pos] * 10)
+      pos += 1
+      strs.append(digits[d])
+      vals.append(d)
+    op = int(buf[pos] * 4)
+    pos += 1
+    if op == 0:
+      value = min(vals)
+    elif op == 1:
+      value = max(vals)
+    elif op == 2:
+      vals.sort()
+      h = m // 2
+      value = vals[h] if m % 2 else (vals[h - 1] + vals[h]) // 2
+    else:
+      value = sum(vals) % 10
+    return "( " * (m + 1) + OPERATORS[op] + " " + " ) ".join(strs) + " ) ] )", value
+
+  def root_size() -> None:
+    nonlocal pos, count
+    if max_depth > 1:
+      r = buf[pos]
+      pos += 1
+      if r <= VALUE_P:
+        size(1)
+        return
+    count = 1  # A single digit.
+    if count >= max_length:
+      raise _TooLong
+    pos += 1
+
+  def root_build() -> Tuple[str, int]:
+    nonlocal pos
+    if max_depth > 1:
+      r = buf[pos]
+      pos += 1
+      if r <= VALUE_P:
+        return build(1)
+    d = int(buf[pos] * 10)
+    pos += 1
+    return digits[d], d
+
+  seen = set()
+  sources: List[str] = []
+  labels: List[int] = []
+  attempts = 0
+  limit = sys.getrecursionlimit()
+  if max_depth + 100 > limit:
+    sys.setrecursionlimit(max_depth + 200)
+  try:
+    while len(sources) < num_examples:
+      attempts += 1
+      if attempts > max_attempts:
+        raise RuntimeError(
+            f"ListOps generation found only {len(sources)} of {num_examples} distinct trees with "
+            f"{min_length} < length < {max_length} in {max_attempts} attempts (max_depth={max_depth}, "
+            f"max_args={max_args}); widen the length range or lower num_train/num_eval.")
+      if len(buf) - pos < need:
+        buf = buf[pos:] + rng.random(_CHUNK).tolist()
+        pos = 0
+      start = pos
+      count = 0
+      try:
+        root_size()
+      except _TooLong:
+        continue  # The stream continues after the abandoned tree's last uniform.
+      if min_length < count < max_length:
+        end = pos
+        pos = start
+        s, v = root_build()
+        assert pos == end
+        if s not in seen:
+          seen.add(s)
+          sources.append(s)
+          labels.append(v)
+  finally:
+    if sys.getrecursionlimit() != limit:
+      sys.setrecursionlimit(limit)
+  return sources, labels
+
+
+# ---- TSV I/O ------------------------------------------------------------------------------------------
+def write_tsv(path: str, sources: Sequence[str], labels: Sequence[int]) -> None:
+  """Writes LRA's TSV (header ``Source<TAB>Target``) atomically (temporary file + rename)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8", newline="") as f:
+    f.write("Source\tTarget\n")
+    for s, y in zip(sources, labels):
+      f.write(f"{s}\t{int(y)}\n")
+  os.replace(tmp, path)
+
+
+def read_tsv(path: str, limit: Optional[int] = None) -> Tuple[List[str], List[int]]:
+  """Reads an LRA ListOps TSV: header ``Source<TAB>Target``, rows ``<tree><TAB><label 0..9>``.
+
+  Accepts ``\\n`` and ``\\r\\n`` line ends (LRA writes with Python's csv module). Reads at most `limit`
+  rows (None = all). Raises FileNotFoundError if `path` is missing, ValueError naming the file and line
+  on a bad header or row.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"ListOps TSV file not found: {path!r}.")
+  sources: List[str] = []
+  labels: List[int] = []
+  with open(path, "r", encoding="utf-8", newline="") as f:
+    reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_MINIMAL)
+    try:
+      header = next(reader, None)
+    except csv.Error as e:
+      raise ValueError(f"{path}: line 1: unreadable TSV header ({e}).") from None
+    if header is None or tuple(h.strip() for h in header) != HEADER:
+      raise ValueError(f"{path}: line 1: expected the header 'Source<TAB>Target', got {header!r}.")
+    while limit is None or len(sources) < limit:
+      try:
+        row = next(reader, None)
+      except csv.Error as e:
+        raise ValueError(f"{path}: line {reader.line_num}: malformed TSV row ({e}).") from None
+      if row is None:
+        break
+      if not row or (len(row) == 1 and not row[0].strip()):
+        continue  # Blank line.
+      if len(row) != 2:
+        raise ValueError(f"{path}: line {reader.line_num}: expected 2 tab-separated fields "
+                         f"(Source, Target), got {len(row)}.")
+      target = row[1].strip()
+      if target not in ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9"):
+        raise ValueError(f"{path}: line {reader.line_num}: Target must be an integer 0..9, got "
+                         f"{row[1]!r}.")
+      sources.append(row[0])
+      labels.append(int(target))
+  return sources, labels
+
+
+# ---- tokeniser ----------------------------------------------------------------------------------------
+def tokenize(source: str) -> List[str]:
+  """LRA's tokenisation: drop ``(`` and ``)``, ``]`` → ``X``, split on whitespace."""
+  return source.translate(_PAREN_TABLE).split()
+
+
+def encode(source: str) -> np.ndarray:
+  """Token ids (int32 (n,)) of one tree string under the fixed vocabulary (unknown → `OOV_ID`)."""
+  get = TOKEN_TO_ID.get
+  return np.asarray([get(t, OOV_ID) for t in tokenize(source)], dtype=np.int32)
+
+
+def encode_many(sources: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+  """Ragged encoding of many strings: (tokens uint8 (total,), offsets int64 (N + 1,)).
+
+  Example i is ``tokens[offsets[i]:offsets[i + 1]]``.
+  """
+  get = TOKEN_TO_ID.get
+  lengths = np.zeros(len(sources) + 1, dtype=np.int64)
+  token_lists = [s.translate(_PAREN_TABLE).split() for s in sources]
+  lengths[1:] = [len(t) for t in token_lists]
+  offsets = np.cumsum(lengths)
+  flat = itertools.chain.from_iterable(token_lists)
+  tokens = np.fromiter(map(get, flat, itertools.repeat(OOV_ID)), dtype=np.uint8, count=int(offsets[-1]))
+  return tokens, offsets
+
+
+def decode(ids: Sequence[int]) -> str:
+  """Token ids → space-separated tokens (padding dropped)."""
+  return " ".join(VOCAB[int(i)] for i in ids if int(i) != PAD_ID)
+
+
+class _Split:
+  """One encoded split: ragged tokens + labels."""
+
+  def __init__(self, tokens: np.ndarray, offsets: np.ndarray, labels: np.ndarray):
+    self.tokens = tokens
+    self.offsets = offsets
+    self.labels = labels.astype(np.int32)
+
+  @classmethod
+  def from_sources(cls, sources: Sequence[str], labels: Sequence[int]) -> "_Split":
+    tokens, offsets = encode_many(sources)
+    return cls(tokens, offsets, np.asarray(labels, dtype=np.int32))
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def lengths(self) -> np.ndarray:
+    return np.diff(self.offsets)
+
+  def batch(self, indices: np.ndarray, max_len: int) -> Batch:
+    b = len(indices)
+    inputs = np.zeros((b, max_len), dtype=np.int32)
+    for r, i in enumerate(indices):
+      lo = self.offsets[i]
+      n = min(int(self.offsets[i + 1] - lo), max_len)
+      inputs[r, :n] = self.tokens[lo:lo + n]
+    return {"inputs": inputs, "mask": inputs != PAD_ID, "label": self.labels[indices].copy()}
+
+
+def cache_key(seed: int, counts: Dict[str, int], min_length: int, max_length: int, max_depth: int,
+              max_args: int) -> str:
+  """Directory name of a generated set under ``<cache_dir>/listops/``."""
+  return (f"v{_CACHE_VERSION}_seed{seed}_n{counts['train']}-{counts['val']}-{counts['test']}"
+          f"_len{min_length}-{max_length}_d{max_depth}_a{max_args}")
+
+
+def generate_to_dir(out_dir: str, *, seed: int, counts: Dict[str, int], min_length: int,
+                    max_length: int, max_depth: int, max_args: int) -> Dict[str, _Split]:
+  """Generates a set, writes the three TSVs and ``encoded.npz`` into `out_dir`; returns the splits."""
+  total = counts["train"] + counts["val"] + counts["test"]
+  sources, labels = generate(total, seed=seed, min_length=min_length, max_length=max_length,
+                             max_depth=max_depth, max_args=max_args)
+  bounds = {"train": (0, counts["train"]),
+            "val": (counts["train"], counts["train"] + counts["val"]),
+            "test": (counts["train"] + counts["val"], total)}
+  splits = {}
+  arrays = {}
+  for name, (lo, hi) in bounds.items():
+    write_tsv(os.path.join(out_dir, SPLIT_FILES[name]), sources[lo:hi], labels[lo:hi])
+    split = _Split.from_sources(sources[lo:hi], labels[lo:hi])
+    splits[name] = split
+    arrays.update({f"{name}_tokens": split.tokens, f"{name}_offsets": split.offsets,
+                   f"{name}_labels": split.labels})
+  atomic_save_npz(os.path.join(out_dir, "encoded.npz"), **arrays)
+  return splits
+
+
+def _load_encoded(path: str) -> Optional[Dict[str, _Split]]:
+  try:
+    with np.load(path) as z:
+      return {name: _Split(z[f"{name}_tokens"], z[f"{name}_offsets"], z[f"{name}_labels"])
+              for name in ("train", "val", "test")}
+  except (OSError, KeyError, ValueError):
+    return None
+
+
+class ListOpsDataset(Dataset):
+  """ListOps classification (10 classes) with the `Dataset` interface.
+
+  Batches: ``"inputs"`` int32 (b, max_len) token ids padded with 0, ``"mask"`` bool (b, max_len)
+  True = real token, ``"label"`` int32 (b,). Eval batches add ``"valid"`` bool (b,).
+  `eval_batches(split="val")` (default) or ``split="test"``.
+
+  Args:
+    path: None = generate (cached under `cache_dir`); else a directory with LRA's
+      ``basic_{train,val,test}.tsv`` (the test file is only needed for ``split="test"``).
+    seed: generator seed (when generating) and shuffling seed.
+    max_len: sequence length (truncate / pad).
+    num_train, num_eval, num_test: examples used (None = all in the files, or 96,000 / 2,000 / 2,000 when
+      generating; num_test None = num_eval when generating).
+    cache_dir: where generated sets are cached.
+    min_length, max_length, max_depth, max_args: generator settings (ignored when `path` is given).
+  """
+
+  EVAL_SPLITS = ("val", "test")
+
+  def __init__(self, *, path: Optional[str] = None, seed: int = 0, max_len: int = DEFAULT_MAX_LEN,
+               num_train: Optional[int] = None, num_eval: Optional[int] = None,
+               num_test: Optional[int] = None, cache_dir: Optional[str] = None,
+               min_length: int = DEFAULT_MIN_LENGTH, max_length: int = DEFAULT_MAX_LENGTH,
+               max_depth: int = DEFAULT_MAX_DEPTH, max_args: int = DEFAULT_MAX_ARGS):
+    check_int_arg("data.seed", seed, minimum=0)
+    check_int_arg("data.max_len", max_len, minimum=1)
+    check_int_arg("data.num_train", num_train, minimum=1, allow_none=True)
+    check_int_arg("data.num_eval", num_eval, minimum=1, allow_none=True)
+    check_int_arg("data.num_test", num_test, minimum=1, allow_none=True)
+    self.max_len = int(max_len)
+    self._test: Optional[_Split] = None
+    self._test_path: Optional[str] = None
+    self._num_test = num_test
+    self.source_dir: str
+    if path is not None:
+      path = os.path.expanduser(str(path))
+      if not os.path.isdir(path):
+        raise FileNotFoundError(f"data.path={path!r} is not a directory; for ListOps it must be a "
+                                f"directory holding LRA's {', '.join(SPLIT_FILES.values())}.")
+      for name in ("train", "val"):
+        f = os.path.join(path, SPLIT_FILES[name])
+        if not os.path.isfile(f):
+          raise FileNotFoundError(f"ListOps file {f!r} not found (data.path={path!r} must hold "
+                                  f"{', '.join(SPLIT_FILES.values())}).")
+      self.source_dir = path
+      train = _Split.from_sources(*read_tsv(os.path.join(path, SPLIT_FILES["train"]), num_train))
+      val = _Split.from_sources(*read_tsv(os.path.join(path, SPLIT_FILES["val"]), num_eval))
+      for name, split, want in (("train", train, num_train), ("val", val, num_eval)):
+        if len(split) == 0:
+          raise ValueError(f"ListOps file {os.path.join(path, SPLIT_FILES[name])!r} has no examples.")
+        if want is not None and len(split) < want:
+          raise ValueError(f"data.num_{'train' if name == 'train' else 'eval'}={want} but "
+                           f"{os.path.join(path, SPLIT_FILES[name])!r} has only {len(split)} examples.")
+      self._test_path = os.path.join(path, SPLIT_FILES["test"])
+      self.generation_seconds = 0.0
+    else:
+      check_generator_args(min_length, max_length, max_depth, max_args)
+      counts = {"train": DEFAULT_COUNTS["train"] if num_train is None else int(num_train),
+                "val": DEFAULT_COUNTS["val"] if num_eval is None else int(num_eval)}
+      counts["test"] = counts["val"] if num_test is None else int(num_test)
+      if cache_dir is None:
+        cache_dir = resolve_cache_dir(None, None)
+      out_dir = os.path.join(str(cache_dir), "listops",
+                             cache_key(seed, counts, min_length, max_length, max_depth, max_args))
+      self.source_dir = out_dir
+      t0 = time.perf_counter()
+      splits = _load_encoded(os.path.join(out_dir, "encoded.npz"))
+      if splits is None:
+        splits = generate_to_dir(out_dir, seed=seed, counts=counts, min_length=min_length,
+                                 max_length=max_length, max_depth=max_depth, max_args=max_args)
+      self.generation_seconds = time.perf_counter() - t0
+      train, val, self._test = splits["train"], splits["val"], splits["test"]
+    super().__init__(seed=seed, num_train=len(train))
+    self._train, self._val = train, val
+    counts_val = np.bincount(val.labels, minlength=NUM_CLASSES)
+    self.info = {
+        "kind": "classification",
+        "num_classes": NUM_CLASSES,
+        "vocab_size": VOCAB_SIZE,
+        "max_len": self.max_len,
+        "num_train": len(train),
+        "num_eval": len(val),
+        "majority_accuracy": float(counts_val.max() / len(val)),
+        "pad_id": PAD_ID,
+        "oov_id": OOV_ID,
+        "vocab": VOCAB,
+    }
+
+  def _split(self, split: str) -> _Split:
+    if split == "val":
+      return self._val
+    if self._test is None:
+      assert self._test_path is not None
+      self._test = _Split.from_sources(*read_tsv(self._test_path, self._num_test))
+      if len(self._test) == 0:
+        raise ValueError(f"ListOps file {self._test_path!r} has no examples.")
+    return self._test
+
+  def _num_eval_examples(self, split: str) -> int:
+    return len(self._split(split))
+
+  def _train_examples(self, indices: np.ndarray, step: int, rows: np.ndarray) -> Batch:
+    del step, rows  # No per-example randomness.
+    return self._train.batch(indices, self.max_len)
+
+  def _eval_examples(self, indices: np.ndarray, split: str) -> Batch:
+    return self._split(split).batch(indices, self.max_len)
+
+  def lengths(self, split: str = "train") -> np.ndarray:
+    """Token counts (before truncation) of a split ("train", "val", "test"), int64 (N,)."""
+    return self._train.lengths() if split == "train" else self._split(split).lengths()
+
