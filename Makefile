@@ -1,10 +1,12 @@
-# Two entry points (see README): `make demo` (main job) and `make test` (what CI runs).
+# Two entry points (see README): `make train` (the main job) and `make test` (what CI runs).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+WORKDIR ?= runs/mlm_linformer_cpu
+
+.PHONY: train demo test setup clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +16,9 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m experiments.train --config configs/mlm_linformer.py:cpu --workdir $(WORKDIR)
 
 demo: $(STAMP)
 	$(PY) -m experiments.demo

@@ -10,7 +10,7 @@ def test_readme_starts_with_two_commands():
   first_block = re.search(r"```bash\n(.*?)```", text, re.S)
   assert first_block is not None and text.index("```bash") < text.index("\n## ")
   commands = [line for line in first_block.group(1).splitlines() if line.strip()]
-  assert [c.split("#")[0].strip() for c in commands] == ["make demo", "make test"]
+  assert [c.split("#")[0].strip() for c in commands] == ["make train", "make test"]
 
 
 def test_readme_example_runs():
@@ -20,3 +20,13 @@ def test_readme_example_runs():
   namespace = {}
   exec(compile(code, "README-example", "exec"), namespace)  # the example's own asserts must hold
   assert namespace["y"].shape == (2, 700, 128)
+
+
+def test_readme_xcit_example_runs():
+  text = README.read_text()
+  code = re.search(r"```python\n(.*?)```", text.split("## XCiT", 1)[1], re.S).group(1)
+  namespace = {}
+  exec(compile(code, "README-xcit-example", "exec"), namespace)
+  assert namespace["logits"].shape == (2, 1000)
+  assert namespace["tokens"].shape == (2, 1 + 14 * 20, 128)
+  assert namespace["new_variables"]["params"]["head"]["kernel"].shape == (128, 10)

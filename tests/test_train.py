@@ -1,0 +1,113 @@
+"""End-to-end training through train_and_evaluate: every config's runlocal variant, resume, failure modes."""
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from linformer_jax import checkpoint as ckpt_lib
+from linformer_jax.train import train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOG_KEYS = {"step", "loss", "lr", "grad_norm", "steps_per_s"}
+
+
+def _config(name, arg="runlocal", **overrides):
+  config = importlib.import_module(f"configs.{name}").get_config(arg)
+  config.compilation_cache = False
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _final_params(workdir):
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  step = checkpointer.latest_step()
+  state, meta = checkpointer.restore_raw(step)
+  checkpointer.close()
+  assert meta["data_step"] == step
+  return step, state["params"]
+
+
+@pytest.mark.parametrize("name,throughput,eval_keys", [
+    ("mlm_linformer", "tokens_per_s", {"eval_loss", "eval_accuracy", "eval_perplexity"}),
+    ("listops_linformer", "tokens_per_s", {"eval_loss", "eval_accuracy"}),
+    ("listops_transformer", "tokens_per_s", {"eval_loss", "eval_accuracy"}),
+    ("digits_xcit", "images_per_s", {"eval_loss", "eval_accuracy"}),
+])
+def test_config_trains_end_to_end(tmp_path, name, throughput, eval_keys):
+  config = _config(name)
+  final = train_and_evaluate(config, tmp_path)
+  rows = _rows(tmp_path)
+  logged = [r for r in rows if "loss" in r]
+  assert [r["step"] for r in logged] == list(range(config.log_every, config.total_steps + 1, config.log_every))
+  for r in logged:
+    assert LOG_KEYS | {throughput} <= set(r) and np.isfinite(r["loss"]) and r[throughput] > 0
+  assert "time_to_first_step_s" in logged[0]
+  eval_rows = [r for r in rows if "eval_loss" in r]
+  assert eval_rows and eval_keys <= set(eval_rows[-1]) and eval_rows[-1]["step"] == config.total_steps
+  assert final["step"] == config.total_steps and eval_keys <= set(final)
+  assert any(k.startswith("baseline_") for k in final)
+  assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == config.total_steps
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+  assert (tmp_path / "plots" / "loss.png").stat().st_size > 0
+  assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [
+      config.checkpoint_every, config.total_steps]
+
+
+def test_resume_gives_the_uninterrupted_result(tmp_path):
+  straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+  train_and_evaluate(_config("mlm_linformer", **{"model.dropout": 0.1}), straight)
+  # the interrupted run stops after step 3 (its last checkpoint), then the same command continues
+  train_and_evaluate(_config("mlm_linformer", total_steps=3, **{"model.dropout": 0.1}), interrupted)
+  assert _final_params(interrupted)[0] == 3
+  final = train_and_evaluate(_config("mlm_linformer", **{"model.dropout": 0.1}), interrupted)
+  assert final["step"] == 6
+  (step_a, params_a), (step_b, params_b) = _final_params(straight), _final_params(interrupted)
+  assert step_a == step_b == 6
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # the first run logged steps 2 and 3 (its last); the resumed run only the steps after 3
+  steps = [r["step"] for r in _rows(interrupted) if "loss" in r]
+  assert steps == [2, 3, 4, 6]
+
+
+def test_non_finite_loss_stops_with_step_range_and_keeps_last_good_checkpoint(tmp_path):
+  config = _config("mlm_linformer", total_steps=8, checkpoint_every=2, log_every=2)
+  config.optimizer.name = "adamw"
+  config.optimizer.schedule = "constant"
+  config.optimizer.warmup_steps = 0
+  config.optimizer.learning_rate = 1e30
+  with pytest.raises(FloatingPointError, match=r"within steps \d+\.\.\d+; the last good checkpoint"):
+    train_and_evaluate(config, tmp_path)
+  checkpointer = ckpt_lib.Checkpointer(tmp_path / "checkpoints")
+  for step in checkpointer.all_steps():  # whatever was saved is finite
+    params = checkpointer.restore_raw(step)[0]["params"]
+    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(params))
+  checkpointer.close()
+
+
+def test_bfloat16_compute_trains(tmp_path):
+  final = train_and_evaluate(_config("listops_linformer", compute_dtype="bfloat16"), tmp_path)
+  assert np.isfinite(final["eval_loss"])
+
+
+def test_cli_rejects_misspelled_field(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "experiments.train", "--config",
+                         "configs/mlm_linformer.py:runlocal", "--workdir", str(tmp_path),
+                         "--config.modle.k=4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "modle" in proc.stderr
