@@ -111,3 +111,29 @@ def test_cli_rejects_misspelled_field(tmp_path):
                          "--config.modle.k=4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert "modle" in proc.stderr
+
+
+def test_init_from_converted_checkpoint(tmp_path):
+  """init_from loads every matching variable of a converter checkpoint; a head of another size is fresh."""
+  from linformer_jax.convert.xcit import save_xcit_checkpoint
+  from linformer_jax.models import create_model
+  config = _config("digits_xcit", total_steps=2, checkpoint_every=2, log_every=2, eval_every=2)
+  overrides = {k: v for k, v in config.model.items() if k != "name"}
+  source = create_model(config.model.name, num_classes=7, **overrides)  # digits has 10 classes
+  images = jax.numpy.zeros((1, 16, 16, 3))
+  variables = jax.jit(source.init)(jax.random.key(42), images)
+  save_xcit_checkpoint(tmp_path / "converted", variables, config.model.name, {"num_classes": 7, **overrides})
+  config.init_from = str(tmp_path / "converted")
+  config.optimizer.schedule = "constant"
+  config.optimizer.learning_rate = 1e-30  # parameters stay (to 1e-20) where init_from put them
+  config.optimizer.weight_decay = 0.0
+  train_and_evaluate(config, tmp_path / "run")
+  step, params = _final_params(tmp_path / "run")
+  assert step == 2
+  flat_src = jax.tree_util.tree_leaves_with_path(variables["params"])
+  flat_got = dict(jax.tree_util.tree_leaves_with_path(params))
+  for path, value in flat_src:
+    if "head" in jax.tree_util.keystr(path):
+      assert flat_got[path].shape[-1] == 10 and value.shape[-1] == 7  # fresh 10-class head
+    else:
+      np.testing.assert_allclose(np.asarray(flat_got[path]), np.asarray(value), rtol=1e-6, atol=1e-20)
