@@ -31,6 +31,7 @@ def get_config(arg=None):
     c.log_every, c.eval_every, c.checkpoint_every = 25, 200, 200
     c.eval_max_batches = 8
     c.optimizer.warmup_steps = 100
+    c.optimizer.learning_rate = 1e-2  # measured: eval ppl 16.7 at step 600 vs 19.3 with 3e-3 (unigram 25.8)
   if a.runlocal:
     runlocal(c)
     c.data.max_len, c.data.num_eval, c.data.max_bytes = 64, 16, 200_000
