@@ -14,6 +14,7 @@ from linformer_jax._validate import check_choice, check_int, check_rate
 from linformer_jax.layers.attention import FullSelfAttention
 from linformer_jax.layers.drop_path import DropPath
 from linformer_jax.layers.mlp import FeedForward
+from linformer_jax.models.image_classifier import TokenClassifier, check_images
 
 LN_EPS = 1e-6
 dense_init = nn.initializers.truncated_normal(0.02)
@@ -40,7 +41,7 @@ class ViTBlock(nn.Module):
     return x + drop_path(mlp(nn.LayerNorm(LN_EPS, name="norm2")(x), deterministic=det))
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(TokenClassifier):
   """ViT with a CLS token and learned position embeddings.
 
   Attributes: img_size (the position table's resolution; other sizes divisible by patch_size are handled by
@@ -100,11 +101,7 @@ class VisionTransformer(nn.Module):
 
   def forward_features(self, images: jax.Array, train: bool = False) -> jax.Array:
     """images (batch, H, W, in_chans) → tokens after the final LayerNorm, (batch, 1 + N, C), CLS first."""
-    if images.ndim != 4 or images.shape[-1] != self.in_chans:
-      raise ValueError(f"images must be NHWC (batch, H, W, {self.in_chans}), got shape {images.shape}.")
-    if images.shape[1] % self.patch_size or images.shape[2] % self.patch_size:
-      raise ValueError(f"image size {images.shape[1]}x{images.shape[2]} is not divisible by "
-                       f"patch_size={self.patch_size}.")
+    check_images(images, self.in_chans, self.patch_size)
     x = self.patch_embed(images)
     b, hp, wp, c = x.shape
     x = jnp.concatenate([jnp.broadcast_to(self.cls_token, (b, 1, c)), x.reshape(b, hp * wp, c)], axis=1)
@@ -112,11 +109,3 @@ class VisionTransformer(nn.Module):
     for blk in self.blocks:
       x = blk(x, train)
     return self.norm(x)
-
-  def forward_head(self, tokens: jax.Array, pre_logits: bool = False, train: bool = False) -> jax.Array:
-    x = tokens[:, 1:].mean(axis=1) if self.global_pool == "avg" else tokens[:, 0]
-    x = self.head_drop(x, deterministic=not train)
-    return x if pre_logits or not self.num_classes else self.head(x)
-
-  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-    return self.forward_head(self.forward_features(images, train), train=train)

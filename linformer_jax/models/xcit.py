@@ -25,6 +25,7 @@ from linformer_jax._validate import check_choice, check_int, check_rate
 from linformer_jax.layers.attention import FullSelfAttention
 from linformer_jax.layers.drop_path import DropPath
 from linformer_jax.layers.mlp import FeedForward
+from linformer_jax.models.image_classifier import TokenClassifier, check_images
 from linformer_jax.remat import map_heads, remat_sublayer, validate_remat
 
 LN_EPS = 1e-6  # LayerNorm epsilon everywhere in XCiT
@@ -282,7 +283,7 @@ class ClassAttentionBlock(nn.Module):
     return x + jnp.concatenate([cls, x[:, 1:]], axis=1)
 
 
-class XCiT(nn.Module):
+class XCiT(TokenClassifier):
   """The XCiT image classifier.
 
   Attributes:
@@ -376,17 +377,9 @@ class XCiT(nn.Module):
     if self.num_classes:
       self.head = nn.Dense(self.num_classes, kernel_init=dense_init)
 
-  def _check_images(self, images):
-    if images.ndim != 4 or images.shape[-1] != self.in_chans:
-      raise ValueError(f"images must be NHWC (batch, H, W, {self.in_chans}), got shape {images.shape}.")
-    h, w = images.shape[1:3]
-    if h % self.patch_size or w % self.patch_size:
-      raise ValueError(f"image size {h}x{w} is not divisible by patch_size={self.patch_size}; "
-                       f"resize or crop to multiples of {self.patch_size}.")
-
   def forward_features(self, images: jax.Array, train: bool = False) -> jax.Array:
     """images (batch, H, W, in_chans) → tokens after the final LayerNorm, (batch, 1 + Hp·Wp, C), CLS first."""
-    self._check_images(images)
+    check_images(images, self.in_chans, self.patch_size)
     x = self.patch_embed(images, train)
     b, hp, wp, c = x.shape
     x = x.reshape(b, hp * wp, c)
@@ -402,12 +395,3 @@ class XCiT(nn.Module):
     for blk in self.cls_attn_blocks:
       x = blk(x, train)
     return self.norm(x)
-
-  def forward_head(self, tokens: jax.Array, pre_logits: bool = False, train: bool = False) -> jax.Array:
-    """tokens (batch, 1 + N, C) → pooled features (batch, C) if pre_logits else logits (batch, num_classes)."""
-    x = tokens[:, 1:].mean(axis=1) if self.global_pool == "avg" else tokens[:, 0]
-    x = self.head_drop(x, deterministic=not train)
-    return x if pre_logits or not self.num_classes else self.head(x)
-
-  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-    return self.forward_head(self.forward_features(images, train), train=train)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from linformer_jax.layers import FullSelfAttention, LinformerSelfAttention
+from helpers import np_init, rand
 
 ATOL = 1e-5
 B, DIM, HEADS = 2, 8, 2
@@ -96,18 +97,6 @@ def per_head(params, sharing, heads, name):
 
 def proj_names(sharing):
   return {"none": ("E", "F"), "headwise": ("E", "F"), "kv": ("EF",)}[sharing]
-
-
-def rand(seed, shape, scale=1.0):
-  """Test data from numpy (new jax.random shapes cost ~0.5 s of XLA compilation each on CPU)."""
-  return jnp.asarray(np.random.RandomState(seed).normal(0.0, scale, shape), jnp.float32)
-
-
-def np_init(module, *args, seed=0, scale=0.4, **kwargs):
-  """Variables with the structure/shapes of ``module.init`` (via eval_shape) filled with numpy N(0, scale²)."""
-  shapes = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.PRNGKey(0), *args)
-  rs = np.random.RandomState(seed)
-  return jax.tree.map(lambda s: jnp.asarray(rs.normal(0.0, scale, s.shape), s.dtype), shapes)
 
 
 # ----------------------------------------------------------------------------------------------------------

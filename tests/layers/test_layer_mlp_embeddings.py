@@ -1,5 +1,4 @@
 """FeedForward and TokenEmbedder / sinusoidal_positions against numpy."""
-import functools
 import math
 
 import jax
@@ -8,18 +7,9 @@ import numpy as np
 import pytest
 
 from linformer_jax.layers import FeedForward, TokenEmbedder, sinusoidal_positions
+from helpers import np_init, rand
 
 ATOL = 1e-5
-
-
-def rand(seed, shape, scale=1.0):
-  return jnp.asarray(np.random.RandomState(seed).normal(0.0, scale, shape), jnp.float32)
-
-
-def np_init(module, *args, seed=0, scale=0.4, **kwargs):
-  shapes = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.PRNGKey(0), *args)
-  rs = np.random.RandomState(seed)
-  return jax.tree.map(lambda s: jnp.asarray(rs.normal(0.0, scale, s.shape), s.dtype), shapes)
 
 
 np_erf = np.vectorize(math.erf)

@@ -11,23 +11,13 @@ from flax import serialization
 
 from linformer_jax.layers import CONSTANTS, LinformerSelfAttention, SeqProjection, pool_window
 from linformer_jax.models import Linformer
+from helpers import np_init, rand
 
 ATOL = 1e-5
 # real inits (jax.random) compile slowly op by op on CPU: jit them without backend optimisation
 fast_jit = functools.partial(
     jax.jit, compiler_options=dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True))
 B, H, D = 2, 2, 3  # batch, heads, head_dim of the (batch, n, heads, head_dim) inputs
-
-
-def rand(seed, shape, scale=1.0):
-  return jnp.asarray(np.random.RandomState(seed).normal(0.0, scale, shape), jnp.float32)
-
-
-def np_init(module, *args, seed=0, scale=0.4, **kwargs):
-  """Variables shaped like ``module.init`` (eval_shape only) filled with numpy N(0, scale²)."""
-  shapes = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.PRNGKey(0), *args)
-  rs = np.random.RandomState(seed)
-  return jax.tree.map(lambda s: jnp.asarray(rs.normal(0.0, scale, s.shape), s.dtype), shapes)
 
 
 def np_windows(x, max_len, k):

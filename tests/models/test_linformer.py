@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from linformer_jax.models import CAUSAL_ERROR, Linformer, count_projection_matrices
+from helpers import np_init, rand
 
 ATOL = 1e-5
 SHARINGS = ["none", "headwise", "kv", "layerwise"]
@@ -19,17 +20,6 @@ CFG = dict(max_len=12, dim=8, depth=2, num_heads=2, k=5, dim_ff=16)
 # random-number code compiles slowly op by op on CPU: train-mode calls are jitted without backend optimisation
 fast_jit = functools.partial(
     jax.jit, compiler_options=dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True))
-
-
-def rand(seed, shape, scale=1.0):
-  return jnp.asarray(np.random.RandomState(seed).normal(0.0, scale, shape), jnp.float32)
-
-
-def np_init(module, *args, seed=0, scale=0.4, **kwargs):
-  """Variables shaped like ``module.init`` (eval_shape only) filled with numpy N(0, scale²)."""
-  shapes = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.PRNGKey(0), *args)
-  rs = np.random.RandomState(seed)
-  return jax.tree.map(lambda s: jnp.asarray(rs.normal(0.0, scale, s.shape), s.dtype), shapes)
 
 
 def n_params(tree) -> int:

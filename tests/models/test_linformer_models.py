@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from linformer_jax.models import Linformer, LinformerClassifier, LinformerEncDec, LinformerLM, shift_right
+from helpers import np_init, rand
 
 ATOL = 1e-5
 VOCAB, NUM_CLASSES = 13, 3
@@ -20,19 +21,8 @@ CLS_CFG = dict(CFG, max_len=11)
 FAST_COMPILE = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True)
 
 
-def rand(seed, shape, scale=1.0):
-  return jnp.asarray(np.random.RandomState(seed).normal(0.0, scale, shape), jnp.float32)
-
-
 def tokens(seed, shape, vocab=VOCAB):
   return jnp.asarray(np.random.RandomState(seed).randint(1, vocab, shape), jnp.int32)
-
-
-def np_init(module, *args, seed=0, scale=0.4, **kwargs):
-  """Variables shaped like ``module.init`` (eval_shape only) filled with numpy N(0, scale²)."""
-  shapes = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.PRNGKey(0), *args)
-  rs = np.random.RandomState(seed)
-  return jax.tree.map(lambda s: jnp.asarray(rs.normal(0.0, scale, s.shape), s.dtype), shapes)
 
 
 def f64(a):
