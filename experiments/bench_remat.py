@@ -3,8 +3,8 @@
     python -m experiments.bench_remat --out DIR [--quick]
 
 Sweeps depth × heads × level (policy "nothing_saveable") for a Linformer gradient step (scanned layers,
-n=1024, dim=256, k=128, batch 4; --quick: n=512, dim=128, k=64, batch 2, fewer points), every named policy
-at depth 12 / 8 heads (C1; --quick: two policies), and XCiT-T12 (224², batch 8; --quick: XCiT-N12 at 32²,
+n=1024, dim=128, k=128, batch 2; --quick: n=512, dim=128, k=64, batch 2, fewer points), every named policy
+at depth 12 / 8 heads (C1; --quick: two policies), and XCiT-T12 (224², batch 2; --quick: XCiT-N12 at 32²,
 batch 2) at each level.
 Rows: model, depth, heads, level, policy, temp_bytes (XLA temp, compile time, deterministic),
 argument_bytes, compile_s, step_time_s (median of ≥5 runs after warm-up). Writes DIR/remat.{json,md,png}.
@@ -52,8 +52,8 @@ def run(quick: bool, repeats: int):
     n, dim, k, batch, depths, heads_list = 512, 128, 64, 2, (2, 6), (4, 16)
     xcit_name, img, img_batch = "xcit_nano_12_p16_224", 32, 2
   else:
-    n, dim, k, batch, depths, heads_list = 1024, 256, 128, 4, (2, 4, 8, 12, 24), (4, 8, 16)
-    xcit_name, img, img_batch = "xcit_tiny_12_p16_224", 224, 8
+    n, dim, k, batch, depths, heads_list = 1024, 128, 128, 2, (2, 4, 8, 12, 24), (4, 8, 16)
+    xcit_name, img, img_batch = "xcit_tiny_12_p16_224", 224, 2
   x = jax.random.normal(jax.random.key(1), (batch, n, dim))
   rows = []
 
