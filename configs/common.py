@@ -46,6 +46,8 @@ def base_config(data_name: str) -> ml_collections.ConfigDict:
   c.compilation_cache_dir = config_dict.placeholder(str)  # None = ~/.cache/linformer_jax/jax_cache
   c.tensorboard = True
   c.init_from = config_dict.placeholder(str)         # Orbax checkpoint from `python -m linformer_jax.convert`
+  c.parallel = "jit"                                 # "jit" (NamedSharding over `mesh`) | "pmap"
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})  # -1 = the remaining devices; fsdp > 1: ZeRO-3
   c.data = default_data_config(data_name)
   c.optimizer = default_optimizer_config()
   c.model = ml_collections.ConfigDict()
@@ -62,3 +64,4 @@ def runlocal(c: ml_collections.ConfigDict, steps: int = 6) -> None:
   c.eval_max_batches = 2
   c.compilation_cache = False
   c.tensorboard = True
+  c.mesh.data = 1  # a one-device smoke test (batch 4); --config.mesh.data=-1 for all devices

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from linformer_jax import checkpoint as ckpt_lib
+from linformer_jax import parallel as par
 from linformer_jax.data import make_dataset
 from linformer_jax.metrics import MetricWriter, plot_metrics
 from linformer_jax.models import LinformerClassifier, LinformerLM, create_model
@@ -87,23 +88,34 @@ def _cast(tree, dtype):
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, kind: str,
-                    compute_dtype=jnp.float32) -> Callable:
+                    compute_dtype=jnp.float32, axis_name: Optional[str] = None) -> Callable:
   """Returns the pure ``train_step(state, batch, rng) -> (state, metrics)``; dropout key = fold_in(rng, step).
 
   compute_dtype: bfloat16 runs the forward/backward pass with bf16 copies of the float32 params.
+  axis_name: None under ``jax.jit`` (the batch is one global array); the mapped axis under ``jax.pmap``: each
+    replica's loss is its share of the global weighted mean (sums divided by the ``psum`` of the weights) and
+    loss, gradients and accuracy are ``psum``-ed, so the update equals the single-device one; new BatchNorm
+    statistics are ``pmean``-ed.
   """
 
   def loss_fn(params, state, batch, rng):
     variables = {"params": _cast(params, compute_dtype), **state.model_state}
     logits, new_model_state = _apply(model, variables, _cast(batch, compute_dtype), kind, True, rng)
     ce, correct, weights = _losses(logits, batch, kind)
-    denom = jnp.maximum(weights.sum(), 1.0)
+    total = weights.sum()
+    if axis_name is not None:
+      total = jax.lax.psum(total, axis_name)
+    denom = jnp.maximum(total, 1.0)
     return (ce * weights).sum() / denom, ((correct * weights).sum() / denom, new_model_state)
 
   def train_step(state: TrainState, batch: dict, rng: jax.Array):
     step_rng = jax.random.fold_in(rng, state.step)
     (loss, (accuracy, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state, batch, step_rng)
+    if axis_name is not None:
+      loss, accuracy, grads = jax.lax.psum((loss, accuracy, grads), axis_name)
+      if new_model_state:
+        new_model_state = jax.lax.pmean(new_model_state, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     model_state = dict(state.model_state)
@@ -118,14 +130,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, kind: st
   return train_step
 
 
-def make_eval_step(model: nn.Module, kind: str, compute_dtype=jnp.float32) -> Callable:
-  """``eval_step(state, batch) -> sums`` of loss, correct predictions and weights (padding excluded)."""
+def make_eval_step(model: nn.Module, kind: str, compute_dtype=jnp.float32,
+                   axis_name: Optional[str] = None) -> Callable:
+  """``eval_step(state, batch) -> sums`` of loss, correct predictions and weights (padding excluded);
+  with ``axis_name`` (pmap) the sums are ``psum``-ed over replicas."""
 
   def eval_step(state: TrainState, batch: dict):
     variables = {"params": _cast(state.params, compute_dtype), **state.model_state}
     logits, _ = _apply(model, variables, _cast(batch, compute_dtype), kind, False, None)
     ce, correct, weights = _losses(logits, batch, kind)
-    return {"loss": (ce * weights).sum(), "correct": (correct * weights).sum(), "weight": weights.sum()}
+    sums = {"loss": (ce * weights).sum(), "correct": (correct * weights).sum(), "weight": weights.sum()}
+    return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
   return eval_step
 
@@ -201,24 +216,73 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   optimizer = make_optimizer(config.optimizer, config.total_steps)
   compute_dtype = COMPUTE_DTYPES[config.get("compute_dtype", "float32")]
 
+  eval_batch_size = config.get("eval_batch_size") or config.batch_size
+  parallel = config.get("parallel", "jit")
+  mesh_config = config.get("mesh", None)
+  if parallel == "jit":
+    mesh = par.make_mesh(mesh_config)
+    n_data = par.data_parallel_size(mesh)
+  elif parallel == "pmap":
+    pmap_devices = par.pmap_devices(mesh_config)
+    n_data = len(pmap_devices) * jax.process_count()
+  else:
+    raise ValueError(f"parallel={parallel!r} is not supported; allowed values: 'jit', 'pmap'.")
+  par.check_global_batch(config.batch_size, n_data, "batch_size")
+  par.check_global_batch(eval_batch_size, n_data, "eval_batch_size")
+
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   state = init_state(model, optimizer.tx, _host_batch(dataset, 0, config.batch_size), kind, init_rng)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=config.get("keep_checkpoints", 3))
   start = checkpointer.latest_step() or 0
+  if not start and config.get("init_from"):
+    state = _init_from(state, config.init_from)
+  if parallel == "jit":  # fresh global buffers from host copies (safe to donate), restored sharded
+    state_sh = par.state_shardings(state, mesh)
+    batch_sh, repl = par.batch_sharding(mesh), par.replicated(mesh)
+    state = par.put_global(state, state_sh)
   if start:
     state, meta = checkpointer.restore(start, state)
     if meta.get("data_step", start) != start:
       raise ValueError(f"checkpoint {start} records data position {meta['data_step']}, expected {start}.")
-  elif config.get("init_from"):
-    state = _init_from(state, config.init_from)
+
+  step_model = model
+  if parallel == "pmap" and getattr(model, "bn_axis_name", "") is None:
+    step_model = model.clone(bn_axis_name="batch")  # cross-replica BatchNorm statistics (SyncBatchNorm)
+  train_fn = make_train_step(step_model, optimizer.tx, kind, compute_dtype,
+                             axis_name="batch" if parallel == "pmap" else None)
+  eval_fn = make_eval_step(model, kind, compute_dtype, axis_name="batch" if parallel == "pmap" else None)
+  if parallel == "jit":
+    jit_train = jax.jit(train_fn, in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
+                        donate_argnums=(0,))
+    jit_eval = jax.jit(eval_fn, in_shardings=(state_sh, batch_sh), out_shardings=repl)
+    train_rng = jax.jit(lambda: jax.random.split(jax.random.key(config.seed))[1], out_shardings=repl)()
+
+    def train_step(state, host_batch, rng):
+      return jit_train(state, par.shard_batch(host_batch, batch_sh), rng)
+
+    def eval_step(state, host_batch):
+      return jit_eval(state, par.shard_batch(host_batch, batch_sh))
+
+    saved_view = lambda s: s  # noqa: E731
+  else:
+    state = par.replicate(state, pmap_devices)
+    pmap_train = jax.pmap(train_fn, axis_name="batch", in_axes=(0, 0, None), donate_argnums=(0,),
+                          devices=pmap_devices)
+    pmap_eval = jax.pmap(eval_fn, axis_name="batch", devices=pmap_devices)
+
+    def train_step(state, host_batch, rng):
+      state, metrics = pmap_train(state, par.split_for_pmap(host_batch, pmap_devices), rng)
+      return state, par.unreplicate(metrics)
+
+    def eval_step(state, host_batch):
+      return par.unreplicate(pmap_eval(state, par.split_for_pmap(host_batch, pmap_devices)))
+
+    saved_view = par.unreplicate  # checkpoints hold one copy of the state
 
   config_json = config.to_json_best_effort(indent=1)
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config_json)
   writer = MetricWriter(workdir, tensorboard=config.get("tensorboard", True))
-  train_step = jax.jit(make_train_step(model, optimizer.tx, kind, compute_dtype), donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(model, kind, compute_dtype))
-  eval_batch_size = config.get("eval_batch_size") or config.batch_size
   tokens_per_example = info.get("max_len") or 0
 
   from tqdm.auto import tqdm
@@ -266,7 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       if row:
         writer.write(done, row)
       if done % config.checkpoint_every == 0 or is_last:
-        checkpointer.save(done, state, {"step": done, "data_step": done, "config": json.loads(config_json)})
+        checkpointer.save(done, saved_view(state), {"step": done, "data_step": done, "config": json.loads(config_json)})
       progress.update(1)
     if not final:  # nothing left to train (the workdir already holds the final checkpoint): just evaluate
       final = evaluate(eval_step, state, dataset, eval_batch_size, kind, config.get("eval_max_batches"))
@@ -280,5 +344,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     final["baseline_unigram_perplexity"] = info.get("unigram_perplexity")
   else:
     final["baseline_majority_accuracy"] = info.get("majority_accuracy")
-  final["step"] = int(jax.device_get(state.step))
+  final["step"] = int(jax.device_get(saved_view(state).step))
   return final
