@@ -4,10 +4,18 @@
 
 The config is locked: a misspelled --config.FIELD is an error. Running again on a DIR that holds checkpoints
 resumes from the latest one. Ends by printing the final eval metrics next to the trivial baseline.
+
+Multi-host (one command per process; see docs/scaling.md "Scaling out"):
+
+    # explicit, e.g. two processes on one machine
+    python -m experiments.train ... --coordinator_address=127.0.0.1:29500 --num_processes=2 --process_id=0
+    # clusters (TPU pod slices, SLURM, ...): argument-free auto-detection
+    LINFORMER_JAX_DISTRIBUTED=1 python -m experiments.train ...
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import app, flags, logging
@@ -18,7 +26,27 @@ from linformer_jax.train import train_and_evaluate
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARGS]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for config.json, metrics, checkpoints and plots.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for jax.distributed.initialize "
+                    "(multi-host runs); with --num_processes and --process_id.")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-host run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+DISTRIBUTED_ENV = "LINFORMER_JAX_DISTRIBUTED"
+
+
+def maybe_initialize_distributed() -> None:
+  """jax.distributed.initialize with the explicit flags, or argument-free (cluster auto-detection) when
+  $LINFORMER_JAX_DISTRIBUTED=1; otherwise nothing (a single process)."""
+  import jax
+  explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise app.UsageError("--coordinator_address, --num_processes and --process_id go together.")
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  elif os.environ.get(DISTRIBUTED_ENV, "").lower() in ("1", "true", "yes"):
+    jax.distributed.initialize()
 
 
 def summary(final: dict) -> str:
@@ -37,8 +65,11 @@ def summary(final: dict) -> str:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines out of the console
+  maybe_initialize_distributed()
   final = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  print(summary(final))
+  import jax
+  if jax.process_index() == 0:
+    print(summary(final))
 
 
 if __name__ == "__main__":
