@@ -47,7 +47,13 @@ ZERO_GRAD = ("['cls_attn_blocks_0']['attn']['key']['bias']",)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   """A small MLM Linformer, Adam (moments hold the gradients), a global batch of 16, and its host state."""
-  config = _config(**{"model.dropout": 0.0, "batch_size": 16})
+  # AdamW with a constant LR moves the params at step 0; eps=1 keeps the first update (lr·g/(|g| + eps))
+  # well-conditioned: with eps=1e-8 it is lr·sign(g), and float-rounding noise in near-zero gradients (e.g. the
+  # rows of tokens absent from the batch) flips whole lr-sized steps (measured 1e-5 for fsdp=8). The gradients
+  # themselves are checked through Adam's first moment (mu = 0.1·g) in opt_state.
+  config = _config(**{"model.dropout": 0.0, "batch_size": 16, "optimizer.name": "adamw",
+                      "optimizer.schedule": "constant", "optimizer.warmup_steps": 0,
+                      "optimizer.learning_rate": 0.1, "optimizer.eps": 1.0})
   dataset = make_dataset(config.data, str(tmp_path_factory.mktemp("data")))
   kind = dataset.info["kind"]
   model = build_model(config.model, dataset.info)
@@ -77,6 +83,7 @@ def _assert_matches_reference(setup, new_state, metrics):
   assert abs(float(metrics["loss"]) - float(ref_metrics["loss"])) <= TOL
   assert abs(float(metrics["grad_norm"]) - float(ref_metrics["grad_norm"])) <= TOL * max(
       1.0, float(ref_metrics["grad_norm"]))
+  assert _max_diff(new_state.params, setup["state"].params) > 1e-4  # the step did update the parameters
   assert _max_diff(new_state.params, ref_state.params) <= TOL
   assert _max_diff(new_state.opt_state, ref_state.opt_state) <= TOL  # Adam's mu/nu: the gradients
   assert int(new_state.step) == 1
