@@ -69,6 +69,7 @@ def test_two_processes_equal_one_process(tmp_path):
   for key in ("params", "opt_state"):
     diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                for a, b in zip(jax.tree.leaves(two[key]), jax.tree.leaves(one[key])))
+    print(f"two-process vs one-process max |diff| {key}: {diff:.3g}")
     assert diff <= 1e-6, (key, diff)
   rows = (workdir / "metrics.jsonl").read_text().splitlines()
   assert len(rows) == len(set(rows))  # one writer
