@@ -27,7 +27,7 @@ from linformer_jax.layers.attention import SHARING, FullSelfAttention, Linformer
 from linformer_jax.layers.embeddings import POS_EMBS, TokenEmbedder
 from linformer_jax.layers.mlp import ACTIVATIONS, FeedForward
 from linformer_jax.layers.projections import CONSTANTS, PROJECTIONS, SeqProjection
-from linformer_jax.remat import REMAT_LEVELS, remat_sublayer, validate_remat
+from linformer_jax.remat import REMAT_LEVELS, checkpoint_policy, remat_sublayer, validate_remat
 
 ATTENTIONS = ("linformer", "full")
 NORMS = ("pre", "post")
@@ -61,38 +61,54 @@ class _Block(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  def _remat(self, cls, static_argnums):
-    return remat_sublayer(cls, self.remat, self.remat_policy, static_argnums, self.scanned)
-
   def _attention_kwargs(self, kwargs, name):
     return dict(kwargs, remat_heads=self.remat == "C2", remat_policy=self.remat_policy, dtype=self.dtype,
                 param_dtype=self.param_dtype, name=name)
 
-  def _feed_forward(self):
-    return self._remat(FeedForward, (2,))(self.dim_ff, self.activation, self.dropout, dtype=self.dtype,
-                                          param_dtype=self.param_dtype, name="ff")
+  def _feed_forward(self, parent):
+    return FeedForward(self.dim_ff, self.activation, self.dropout, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name="ff", parent=parent)
 
-  def _sublayer(self, x, fn, name, deterministic):
-    ln = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name=f"ln_{name}")
-    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=deterministic)
-    if self.norm == "pre":
-      return x + drop(fn(ln(x)))
-    return ln(x + drop(fn(x)))
+  def _sublayer(self, x, fn, name, deterministic, *args):
+    """The residual sub-layer around ``fn(block, h, *args)`` with its LayerNorm (pre or post).
+
+    At C1/C2 the whole sub-layer (LayerNorm, fn, dropout, residual) is one ``nn.remat`` region, so only its
+    input is kept for the backward pass. Submodules are created inside with ``parent=block`` and explicit
+    names, so the parameter tree is the same at every level.
+    """
+    def body(block, x, *args):
+      ln = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name=f"ln_{name}", parent=block)
+      drop = lambda y: nn.Dropout(self.dropout, parent=block)(y, deterministic=deterministic)
+      if self.norm == "pre":
+        return x + drop(fn(block, ln(x), *args))
+      return ln(x + drop(fn(block, x, *args)))
+
+    if self.remat != "C0":
+      body = nn.remat(body, policy=checkpoint_policy(self.remat_policy), prevent_cse=not self.scanned)
+    return body(self, x, *args)
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
-    kw = self._attention_kwargs(self.attention_kwargs, "attention")
-    # attention __call__(self, x, context, mask, deterministic): deterministic is static argument 4
-    if self.attention == "linformer":
-      attn = self._remat(LinformerSelfAttention, (4,))(shared_projection=self.shared_projection, **kw)
-    else:
-      attn = self._remat(FullSelfAttention, (4,))(**kw)
-    x = self._sublayer(x, lambda h: attn(h, None, mask, deterministic), "attention", deterministic)
+    def attend(block, h, mask):
+      kw = self._attention_kwargs(self.attention_kwargs, "attention")
+      if self.attention == "linformer":
+        attn = LinformerSelfAttention(shared_projection=self.shared_projection, parent=block, **kw)
+      else:
+        attn = FullSelfAttention(parent=block, **kw)
+      return attn(h, None, mask, deterministic)
+
+    x = self._sublayer(x, attend, "attention", deterministic, mask)
     if self.include_ff:
-      ff = self._feed_forward()
-      x = self._sublayer(x, lambda h: ff(h, deterministic), "ff", deterministic)
+      x = self._sublayer(x, lambda block, h: self._feed_forward(block)(h, deterministic), "ff", deterministic)
     return x
+
+
+def _create_shared_variables(shared: nn.Module, max_len: int, heads: int, head_dim: int) -> None:
+  """At init, creates the network-wide projection's variables outside the layers' remat regions (variables
+  created inside a lifted ``nn.remat`` of another scope would leak its tracers); afterwards a no-op."""
+  if shared.is_initializing():
+    shared(jnp.zeros((1, max_len, heads, head_dim), shared.dtype))
 
 
 class _ScannedBlock(_Block):
@@ -252,6 +268,8 @@ class Linformer(LinformerFields):
   def __call__(self, x, mask=None, deterministic: bool = True):
     self._check_inputs(x, mask)
     shared = self._shared_projection()
+    if shared is not None and self.remat != "C0":
+      _create_shared_variables(shared, self.max_len, self.num_heads, self.head_dim or self.dim // self.num_heads)
     if self.scan_layers:
       scan = nn.scan(_ScannedBlock, variable_axes={"params": 0, CONSTANTS: 0},
                      split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast, nn.broadcast),
@@ -360,17 +378,20 @@ class _DecoderBlock(_Block, kw_only=True):
 
   @nn.compact
   def __call__(self, y, enc, tgt_mask=None, src_mask=None, deterministic: bool = True):
-    self_attn = self._remat(FullSelfAttention, (4,))(
-        causal=True, **self._attention_kwargs(self.attention_kwargs, "self_attention"))
-    cross = self._remat(LinformerSelfAttention, (4,))(
-        shared_projection=self.shared_projection,
-        **self._attention_kwargs(self.cross_attention_kwargs, "cross_attention"))
-    y = self._sublayer(y, lambda h: self_attn(h, None, tgt_mask, deterministic), "self_attention",
-                       deterministic)
-    y = self._sublayer(y, lambda h: cross(h, enc, src_mask, deterministic), "cross_attention", deterministic)
+    def self_attend(block, h, tgt_mask):
+      attn = FullSelfAttention(causal=True, parent=block,
+                               **self._attention_kwargs(self.attention_kwargs, "self_attention"))
+      return attn(h, None, tgt_mask, deterministic)
+
+    def cross_attend(block, h, enc, src_mask):
+      attn = LinformerSelfAttention(shared_projection=self.shared_projection, parent=block,
+                                    **self._attention_kwargs(self.cross_attention_kwargs, "cross_attention"))
+      return attn(h, enc, src_mask, deterministic)
+
+    y = self._sublayer(y, self_attend, "self_attention", deterministic, tgt_mask)
+    y = self._sublayer(y, cross_attend, "cross_attention", deterministic, enc, src_mask)
     if self.include_ff:
-      ff = self._feed_forward()
-      y = self._sublayer(y, lambda h: ff(h, deterministic), "ff", deterministic)
+      y = self._sublayer(y, lambda block, h: self._feed_forward(block)(h, deterministic), "ff", deterministic)
     return y
 
 
@@ -432,6 +453,9 @@ class LinformerEncDec(LinformerFields, kw_only=True):
     """Encoder output (batch, n, dim) and target prefix tokens (batch, m) → logits (batch, m, vocab)."""
     check_mask(tgt_mask, tgt_in.shape[0], tgt_in.shape[1], "tgt_mask")
     y = self.drop(self.tgt_embed(tgt_in), deterministic=deterministic)
+    if self.decoder_EF is not None and self.remat != "C0":
+      _create_shared_variables(self.decoder_EF, self.max_len, self.num_heads,
+                               self.head_dim or self.dim // self.num_heads)
     for layer in self.decoder_layers:
       y = layer(y, enc, tgt_mask, src_mask, deterministic)
     if self.decoder_ln is not None:
