@@ -1,6 +1,5 @@
 """Data parallelism (8 fake CPU devices): jit + NamedSharding, pmap, FSDP-sharded state, batch checks, and
 end-to-end train_and_evaluate runs that equal the one-device run."""
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -12,20 +11,14 @@ from linformer_jax import parallel as par
 from linformer_jax.data import make_dataset
 from linformer_jax.optim import make_optimizer
 from linformer_jax.train import build_model, init_state, make_train_step, train_and_evaluate
+from helpers import train_config
 
 TOL = 1e-6
 
 
 def _config(name="mlm_linformer", **overrides):
-  config = importlib.import_module(f"configs.{name}").get_config("runlocal")
-  config.compilation_cache = False
+  config = train_config(name, **overrides)
   config.tensorboard = False
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
   return config
 
 

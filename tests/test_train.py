@@ -1,5 +1,4 @@
 """End-to-end training through train_and_evaluate: every config's runlocal variant, resume, failure modes."""
-import importlib
 import json
 import os
 import subprocess
@@ -11,21 +10,10 @@ import pytest
 
 from linformer_jax import checkpoint as ckpt_lib
 from linformer_jax.train import train_and_evaluate
+from helpers import train_config as _config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG_KEYS = {"step", "loss", "lr", "grad_norm", "steps_per_s"}
-
-
-def _config(name, arg="runlocal", **overrides):
-  config = importlib.import_module(f"configs.{name}").get_config(arg)
-  config.compilation_cache = False
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return config
 
 
 def _rows(workdir):

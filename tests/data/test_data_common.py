@@ -1,35 +1,13 @@
 """The `Dataset` contract on every dataset: determinism, resume, host sharding, epoch coverage, eval."""
 import os
-import pickle
 
 import numpy as np
 import pytest
 
 from linformer_jax.data import DATASETS, Dataset, default_data_config, make_dataset
+from helpers import write_fake_cifar
 
 NAMES = ("listops", "mlm", "digits", "cifar10")
-
-
-def write_fake_cifar(directory, n_per_batch=12, n_test=10, seed=0):
-  """A tiny directory in the CIFAR-10 python format; returns (x_train, y_train, x_test, y_test)."""
-  rng = np.random.default_rng(seed)
-  os.makedirs(directory, exist_ok=True)
-  xs, ys = [], []
-  for i in range(1, 6):
-    data = rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8)
-    labels = [int(v) for v in rng.integers(0, 10, size=n_per_batch)]
-    with open(os.path.join(directory, f"data_batch_{i}"), "wb") as f:
-      pickle.dump({b"data": data, b"labels": labels, b"batch_label": b"fake"}, f)
-    xs.append(data)
-    ys.extend(labels)
-  test = rng.integers(0, 256, size=(n_test, 3072), dtype=np.uint8)
-  test_labels = [int(v) for v in rng.integers(0, 10, size=n_test)]
-  with open(os.path.join(directory, "test_batch"), "wb") as f:
-    pickle.dump({b"data": test, b"labels": test_labels}, f)
-  with open(os.path.join(directory, "batches.meta"), "wb") as f:
-    pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
-  to_img = lambda d: d.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-  return to_img(np.concatenate(xs)), np.array(ys), to_img(test), np.array(test_labels)
 
 
 def write_text_corpus(directory, n_files=6, size=3000, seed=0):
