@@ -45,6 +45,8 @@ def base_config(data_name: str) -> ml_collections.ConfigDict:
   c.compilation_cache = True                         # JAX persistent compilation cache
   c.compilation_cache_dir = config_dict.placeholder(str)  # None = ~/.cache/linformer_jax/jax_cache
   c.tensorboard = True
+  c.plots = True                                     # plots/*.png at the end of a run
+  c.skip_nonfinite_steps = False                     # True: drop (and count) updates with a non-finite loss
   c.init_from = config_dict.placeholder(str)         # Orbax checkpoint from `python -m linformer_jax.convert`
   c.parallel = "jit"                                 # "jit" (NamedSharding over `mesh`) | "pmap"
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})  # -1 = the remaining devices; fsdp > 1: ZeRO-3

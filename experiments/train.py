@@ -5,6 +5,11 @@
 The config is locked: a misspelled --config.FIELD is an error. Running again on a DIR that holds checkpoints
 resumes from the latest one. Ends by printing the final eval metrics next to the trivial baseline.
 
+Errors in the flags, the config or the inputs (ValueError, TypeError, OSError such as FileNotFoundError, a
+non-finite loss) are printed as one line ``error: ...`` on stderr, without a traceback, and the exit status is
+2 (bad flags) or 1. SIGTERM/SIGINT write a checkpoint of the current step and exit 0; the same command continues.
+Config files are Python: loading one executes it, like any script — only use config files you trust.
+
 Multi-host (one command per process; see docs/scaling.md "Scaling out"):
 
     # explicit, e.g. two processes on one machine
@@ -14,9 +19,11 @@ Multi-host (one command per process; see docs/scaling.md "Scaling out"):
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import sys
+from typing import NoReturn
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -62,15 +69,58 @@ def summary(final: dict) -> str:
   return "\n".join(lines)
 
 
+def one_line(err: BaseException) -> str:
+  """``error: <Type>: <message>`` on one line. An embedded traceback (a config file that raised) is reduced to
+  its last line; a missing config field (KeyError / AttributeError from a --config.FIELD override) is named."""
+  msg = str(err)
+  if isinstance(err, (KeyError, AttributeError)) and err.args:
+    msg = str(err.args[0])
+    if len(msg) > 1 and msg[0] == msg[-1] and msg[0] in "'\"":  # a repr'd message
+      try:
+        msg = str(ast.literal_eval(msg))
+      except (ValueError, SyntaxError):
+        pass
+    field, _, suggestion = msg.partition("\n")
+    return f"error: no such config field {field} (in a --config.FIELD=VALUE override). {' '.join(suggestion.split())}"
+  lines = [line.strip() for line in msg.splitlines() if line.strip()]
+  if any(line.startswith("Traceback (most recent call last)") for line in lines):
+    head = msg.split("Traceback (most recent call last)")[0]
+    lines = [head.strip(), lines[-1]]
+  return f"error: {type(err).__name__}: {' '.join(' '.join(lines).split())}"
+
+
+def fail(err: BaseException, status: int) -> NoReturn:
+  print(one_line(err), file=sys.stderr)
+  sys.exit(status)
+
+
+def parse_flags(argv):
+  """absl flag parsing that reports a bad flag, a misspelled --config.FIELD or a config file that raises in one
+  line (exit status 2) instead of a traceback."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as err:
+    fail(err, 2)
+  except (KeyError, AttributeError, ValueError, TypeError, OSError) as err:
+    fail(err, 2)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines out of the console
-  maybe_initialize_distributed()
-  final = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    maybe_initialize_distributed()
+    final = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ValueError, TypeError, OSError, FloatingPointError) as err:
+    fail(err, 1)
   import jax
   if jax.process_index() == 0:
-    print(summary(final))
+    if final.get("preempted"):
+      print(f"stopped by SIG{final['signal'].removeprefix('SIG')} after step {final['step']}; checkpoint written to "
+            f"{final['checkpoint']}. Run the same command again to continue.")
+    else:
+      print(summary(final))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -4,14 +4,73 @@ Thin wrapper over orbax-checkpoint's v0 ``CheckpointManager`` API: asynchronous 
 (``<step>.orbax-checkpoint-tmp`` renamed to ``<step>/`` only when complete, so a crash mid-write leaves the
 previous checkpoint as the latest), ``max_to_keep`` retention, and restore into an abstract target so the
 restored arrays get the target's shapes, dtypes and shardings.
+
+Robust resume (``restore_latest``): a checkpoint that cannot be read (truncated or missing files) is skipped with
+a warning and moved to ``<directory>.corrupt/<step>-<time>``, and the previous one is used; if none can be read,
+``CheckpointCorruptError``. A checkpoint whose arrays do not match the target (another model config) raises
+``CheckpointMismatchError`` naming the differing arrays — it is not skipped, since every checkpoint of that
+directory was written by the other config.
 """
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, Optional
+import shutil
+import time
+import warnings
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
+
+logger = logging.getLogger(__name__)
+
+_MAX_LISTED = 8
+
+
+class CheckpointCorruptError(ValueError):
+  """Every checkpoint in the directory is unreadable."""
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint's arrays do not fit the state it is restored into (written by another model config)."""
+
+
+def _key_name(key: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def array_names(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{dotted path (Orbax's naming, e.g. "params.encoder.layer_0.attention.query.kernel"): (shape, dtype)} of the
+  array leaves of a pytree of arrays / ShapeDtypeStructs."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if hasattr(leaf, "shape"):
+      out[".".join(_key_name(k) for k in path)] = (tuple(int(d) for d in leaf.shape), str(leaf.dtype))
+  return out
+
+
+def _listing(title: str, items: list[str]) -> str:
+  shown = items[:_MAX_LISTED]
+  more = f" … and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+  return f"{title} ({len(items)}): " + ", ".join(shown) + more
+
+
+def describe_mismatch(saved: dict, wanted: dict) -> str:
+  """'' when the two {name: (shape, dtype)} maps agree on names and shapes; else a one-line report."""
+  missing = sorted(set(wanted) - set(saved))
+  unexpected = sorted(set(saved) - set(wanted))
+  shapes = [f"{n}: checkpoint {saved[n][0]}, config {wanted[n][0]}" for n in sorted(set(saved) & set(wanted))
+            if saved[n][0] != wanted[n][0]]
+  # Parameters first: they tell the user which model field differs; optimizer slots repeat the same story.
+  by_params = lambda items: sorted(items, key=lambda s: (not s.startswith("params."), s))  # noqa: E731
+  parts = [_listing(title, by_params(items)) for title, items in
+           (("wrong shapes", shapes), ("missing from the checkpoint", missing),
+            ("not in the config's state", unexpected)) if items]
+  return "; ".join(parts)
 
 
 class Checkpointer:
@@ -22,7 +81,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=asynchronous,
                                            cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -35,6 +95,45 @@ class Checkpointer:
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                      meta=ocp.args.JsonSave(meta)), force=True)
 
+  def saved_arrays(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{name: (shape, dtype)} of the state arrays stored at ``step``, read from the checkpoint's metadata only."""
+    metadata = self._manager.item_metadata(step)["state"]
+    tree = getattr(metadata, "tree", metadata)
+    if tree is None:
+      raise ValueError(f"checkpoint {step} has no readable state metadata.")
+    out = {}
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "name")):
+      if hasattr(leaf, "shape") and hasattr(leaf, "name"):
+        out[str(leaf.name)] = (tuple(int(d) for d in leaf.shape), str(leaf.dtype))
+    return out
+
+  def check_compatible(self, abstract_state: Any, hint: Callable[[dict], str] | str = "") -> Optional[int]:
+    """Raises CheckpointMismatchError unless the newest checkpoint whose metadata is readable stores arrays with
+    the names and shapes of ``abstract_state``; returns its step (None if there is none). Reads metadata only:
+    no array is restored and nothing is compiled, so a wrong config fails at start-up."""
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        saved = self.saved_arrays(step)
+      except Exception:  # pylint: disable=broad-except  (unreadable: restore_latest warns and skips it)
+        continue
+      self._raise_if_mismatched(step, saved, abstract_state, hint)
+      return step
+    return None
+
+  def _raise_if_mismatched(self, step: int, saved: dict, abstract_state: Any, hint) -> None:
+    report = describe_mismatch(saved, array_names(abstract_state))
+    if not report:
+      return
+    if callable(hint):
+      try:
+        hint = hint(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+      except Exception:  # pylint: disable=broad-except
+        hint = ""
+    raise CheckpointMismatchError(
+        f"checkpoint {step} in {self.directory} was written for a different model or optimizer config: "
+        f"{report}.{(' ' + hint) if hint else ''} Use a new --workdir, or go back to the config it was trained "
+        "with.")
+
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores (state, meta) of ``step``; abstract_state gives the tree structure, shapes and dtypes."""
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
@@ -42,6 +141,63 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                    meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
+
+  def restore_latest(self, abstract_state: Any, hint: Callable[[dict], str] | str = ""
+                     ) -> Optional[tuple[int, Any, dict]]:
+    """(step, state, meta) of the newest readable checkpoint, or None when the directory holds none.
+
+    Unreadable checkpoints (truncated or missing files, unreadable metadata) are skipped with a warning that
+    names the step directory and the error, and moved aside to ``<directory>.corrupt/`` (so the step can be
+    written again). Raises CheckpointMismatchError for a checkpoint of another config (``hint``: extra text for
+    the message, or a function of the checkpoint's meta returning it) and CheckpointCorruptError when
+    checkpoints exist but none is readable.
+    """
+    bad = []
+    result = None
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        saved = self.saved_arrays(step)
+      except Exception as err:  # pylint: disable=broad-except  (Orbax/TensorStore raise many types)
+        bad.append(self._skip(step, err))
+        continue
+      self._raise_if_mismatched(step, saved, abstract_state, hint)
+      try:
+        state, meta = self.restore(step, abstract_state)
+      except Exception as err:  # pylint: disable=broad-except
+        bad.append(self._skip(step, err))
+        continue
+      result = (step, state, meta)
+      break
+    if bad:
+      self._quarantine([step for step, _ in bad])
+    if result is None and bad:
+      details = "; ".join(f"step {step}: {msg}" for step, msg in bad)
+      raise CheckpointCorruptError(
+          f"no readable checkpoint in {self.directory}: every checkpoint failed to restore ({details}). They were "
+          f"moved to {self.directory}.corrupt/; delete the workdir's checkpoints (or use a new --workdir) to start "
+          "from scratch.")
+    return result
+
+  def _skip(self, step: int, err: Exception) -> tuple[int, str]:
+    msg = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+    warnings.warn(f"skipping unreadable checkpoint {os.path.join(self.directory, str(step))} ({msg}); "
+                  "falling back to the previous one.", RuntimeWarning, stacklevel=3)
+    return step, msg
+
+  def _quarantine(self, steps: list[int]) -> None:
+    """Moves unreadable step directories out of the manager's directory (process 0 only)."""
+    if jax.process_index() == 0:
+      dest_root = self.directory + ".corrupt"
+      os.makedirs(dest_root, exist_ok=True)
+      for step in steps:
+        src = os.path.join(self.directory, str(step))
+        if os.path.isdir(src):
+          shutil.move(src, os.path.join(dest_root, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"))
+          logger.warning("moved unreadable checkpoint %s to %s", src, dest_root)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("linformer_jax.checkpoint.quarantine")
+    self._manager.reload()
 
   def restore_raw(self, step: Optional[int] = None) -> tuple[Any, dict]:
     """(state as nested dicts of arrays, meta) of ``step`` (default: latest) without a target structure."""

@@ -149,7 +149,7 @@ def abstract_variables(module: XCiT) -> dict:
   ShapeDtypeStructs (no memory allocated)."""
   side = 2 * module.patch_size
   images = jax.ShapeDtypeStruct((1, side, side, module.in_chans), jnp.float32)
-  abstract = jax.eval_shape(module.init, jax.random.key(0), images)
+  abstract = jax.eval_shape(module.init, jax.eval_shape(jax.random.key, 0), images)  # nothing compiled
   return {c: abstract.get(c, {}) for c in COLLECTIONS}
 
 
@@ -179,14 +179,15 @@ def convert_state_dict(state_dict: Mapping[str, Any], abstract: Mapping[str, Any
       if value.shape != want:
         wrong.append(f"{key}: got {value.shape}, expected {want} (→ {col}/{'/'.join(path)} {tuple(leaf.shape)})")
         continue
-      flat_out[(col,) + path] = jnp.asarray(np.asarray(convert(value, leaf.shape)).astype(leaf.dtype))
+      flat_out[(col,) + path] = (convert, value, leaf)  # converted once every key is known to fit
   unexpected = sorted(set(sd) - used)
   if missing or unexpected or wrong:
     report = [_listing(t, items) for t, items in (("missing keys", missing), ("unexpected keys", unexpected),
                                                   ("wrong shapes", wrong)) if items]
     raise ValueError("the state_dict does not fit this model (check the model name and overrides such as "
                      "num_classes) — " + "; ".join(report))
-  variables = unflatten_dict(flat_out)
+  variables = unflatten_dict({k: jnp.asarray(np.asarray(convert(value, leaf.shape)).astype(leaf.dtype))
+                              for k, (convert, value, leaf) in flat_out.items()})
   return {c: variables.get(c, {}) for c in COLLECTIONS}
 
 

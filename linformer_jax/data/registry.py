@@ -1,6 +1,7 @@
 """`make_dataset(data_config, workdir)` and `default_data_config(name)`."""
 from __future__ import annotations
 
+import difflib
 import types
 from typing import Any, Mapping, Optional
 
@@ -37,6 +38,18 @@ _NONE_TYPES = {"path": str, "num_train": int, "num_eval": int, "cache_dir": str,
                "max_len": int}
 
 
+# Every field some dataset reads: a data config with another field (a misspelling) is an error.
+KNOWN_FIELDS = frozenset({"name"} | set(_COMMON) | {k for extras in _EXTRAS.values() for k in extras})
+
+
+def _check_fields(keys) -> None:
+  for key in keys:
+    if key not in KNOWN_FIELDS:
+      close = difflib.get_close_matches(str(key), sorted(KNOWN_FIELDS), n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      raise ValueError(f"unknown data config field data.{key}{hint}; allowed fields: {', '.join(sorted(KNOWN_FIELDS))}.")
+
+
 def _check_name(name: Any) -> None:
   if name not in DATASETS:
     allowed = ", ".join(repr(d) for d in DATASETS)
@@ -67,10 +80,16 @@ def make_dataset(data_config: Any, workdir: Optional[str] = None) -> Dataset:
   """Builds the dataset described by `data_config` (a ConfigDict, a dict or any object with attributes).
 
   Missing optional fields take the defaults of `default_data_config(name)`. Raises ValueError /
-  FileNotFoundError (naming the field or path) before loading anything.
+  FileNotFoundError (naming the field or path) before loading anything; a field no dataset knows (a misspelling)
+  is a ValueError.
   """
-  if isinstance(data_config, Mapping):
+  if isinstance(data_config, ml_collections.ConfigDict):
+    _check_fields(list(data_config.keys()))
+  elif isinstance(data_config, Mapping):
+    _check_fields(list(data_config.keys()))
     data_config = types.SimpleNamespace(**data_config)
+  elif isinstance(data_config, types.SimpleNamespace):
+    _check_fields(list(vars(data_config)))
   name = getattr(data_config, "name", None)
   _check_name(name)
   defaults = default_data_config(name)
