@@ -3,11 +3,13 @@
     python -m experiments.bench_remat --out DIR [--quick]
 
 Sweeps depth × heads × level (policy "nothing_saveable") for a Linformer gradient step (scanned layers,
-n=1024, dim=128, k=128, batch 2; --quick: n=512, dim=128, k=64, batch 2, fewer points), every named policy
-at depth 12 / 8 heads (C1; --quick: two policies), and XCiT-T12 (224², batch 2; --quick: XCiT-N12 at 32²,
-batch 2) at each level.
-Rows: model, depth, heads, level, policy, temp_bytes (XLA temp, compile time, deterministic),
-argument_bytes, compile_s, step_time_s (median of ≥5 runs after warm-up). Writes DIR/remat.{json,md,png}.
+n=1024, dim=128, k=128, batch 2, E/F sharing --sharing, default "headwise"; --quick: n=512, dim=128, k=64,
+batch 2, fewer points), every named policy at depth 12 / 8 heads (C1; --quick: two policies), the three
+levels at depth 12 with sharing "none" for comparison (per-head E/F: their gradients, 2·h·n·k floats per
+layer, are memory no remat can drop), and XCiT-T12 (224², batch 2; --quick: XCiT-N12 at 32², batch 2).
+Rows: model, sharing, depth, heads, level, policy, temp_bytes (XLA temp, compile time, deterministic),
+argument_bytes, compile_s, step_time_s (median of ≥5 runs after warm-up). Writes DIR/remat.{json,md,png};
+the markdown starts with the issue's targets checked against the rows.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from experiments.bench_common import compile_fn, median_time, write_outputs
 from linformer_jax.models import Linformer, create_model
 from linformer_jax.remat import REMAT_LEVELS, REMAT_POLICIES
 
-COLUMNS = ["model", "depth", "heads", "level", "policy", "temp_bytes", "temp_vs_C0", "step_time_s",
+COLUMNS = ["model", "sharing", "depth", "heads", "level", "policy", "temp_bytes", "temp_vs_C0", "step_time_s",
            "time_vs_C0", "compile_s"]
 
 
@@ -47,7 +49,7 @@ def measure(model, x, repeats: int) -> dict:
               step_time_s=median_time(compiled, params, opt_state, extra, x, repeats=repeats))
 
 
-def run(quick: bool, repeats: int):
+def run(quick: bool, repeats: int, sharing: str = "headwise"):
   if quick:
     n, dim, k, batch, depths, heads_list = 512, 128, 64, 2, (2, 6), (4, 16)
     xcit_name, img, img_batch = "xcit_nano_12_p16_224", 32, 2
@@ -57,45 +59,87 @@ def run(quick: bool, repeats: int):
   x = jax.random.normal(jax.random.key(1), (batch, n, dim))
   rows = []
 
-  def add(model_name, depth, heads, level, policy, result):
-    rows.append(dict(model=model_name, depth=depth, heads=heads, level=level, policy=policy, **result))
+  def add(model_name, depth, heads, level, policy, result, sharing=sharing):
+    rows.append(dict(model=model_name, sharing=sharing, depth=depth, heads=heads, level=level, policy=policy,
+                     **result))
     r = rows[-1]
-    print(f"{model_name:>22} depth {depth:>2} heads {heads:>2} {level} {policy:<34} temp "
+    print(f"{model_name:>22} {sharing or '-':>8} depth {depth:>2} heads {heads:>2} {level} {policy:<34} temp "
           f"{r['temp_bytes'] / 2**20:9.1f} MiB  step {r['step_time_s'] * 1e3:8.1f} ms", flush=True)
 
-  lin = f"linformer_n{n}_d{dim}_k{k}"
+  lin = f"linformer_n{n}_d{dim}_k{k}_b{batch}"
   for depth, heads in itertools.product(depths, heads_list):
     for level in REMAT_LEVELS:
-      model = Linformer(max_len=n, dim=dim, depth=depth, num_heads=heads, k=k, scan_layers=True, remat=level)
+      model = Linformer(max_len=n, dim=dim, depth=depth, num_heads=heads, k=k, sharing=sharing,
+                        scan_layers=True, remat=level)
       add(lin, depth, heads, level, "nothing_saveable", measure(model, x, repeats))
+      rows[-1]["saved_input_bytes_per_layer"] = 2 * batch * n * dim * 4
   pdepth, pheads = (6, 4) if quick else (12, 8)
   policies = ("dots_saveable", "save_projections") if quick else REMAT_POLICIES[1:]
   for policy in policies:
-    model = Linformer(max_len=n, dim=dim, depth=pdepth, num_heads=pheads, k=k, scan_layers=True, remat="C1",
-                      remat_policy=policy)
+    model = Linformer(max_len=n, dim=dim, depth=pdepth, num_heads=pheads, k=k, sharing=sharing,
+                      scan_layers=True, remat="C1", remat_policy=policy)
     add(lin, pdepth, pheads, "C1", policy, measure(model, x, repeats))
+  if sharing != "none":
+    cdepth = depths[-1] if quick else 12
+    for heads, level in itertools.product(heads_list, REMAT_LEVELS):
+      model = Linformer(max_len=n, dim=dim, depth=cdepth, num_heads=heads, k=k, sharing="none",
+                        scan_layers=True, remat=level)
+      add(lin, cdepth, heads, level, "nothing_saveable", measure(model, x, repeats), sharing="none")
 
   images = jax.random.normal(jax.random.key(2), (img_batch, img, img, 3))
   for level in REMAT_LEVELS:
     model = create_model(xcit_name, scan_layers=True, remat=level)
     add(f"{xcit_name}@{img}", model.depth, model.num_heads, level, "nothing_saveable",
-        measure(model, images, repeats))
+        measure(model, images, repeats), sharing=None)
 
   # ratios against C0 of the same model/depth/heads (policy nothing_saveable)
-  base = {(r["model"], r["depth"], r["heads"]): r for r in rows if r["level"] == "C0"}
+  base = {(r["model"], r["sharing"], r["depth"], r["heads"]): r for r in rows if r["level"] == "C0"}
   for r in rows:
-    b = base.get((r["model"], r["depth"], r["heads"]))
+    b = base.get((r["model"], r["sharing"], r["depth"], r["heads"]))
     if b:
       r["temp_vs_C0"] = round(r["temp_bytes"] / b["temp_bytes"], 3)
       r["time_vs_C0"] = round(r["step_time_s"] / b["step_time_s"], 3)
   return rows
 
 
+def check_targets(rows, quick: bool) -> list[str]:
+  """The issue's targets, evaluated on the rows (main sharing mode, policy nothing_saveable)."""
+  sharing = rows[0]["sharing"]
+  lin = {(r["depth"], r["heads"], r["level"]): r for r in rows if r["model"].startswith("linformer")
+         and r["sharing"] == sharing and r["policy"] == "nothing_saveable"}
+  depths = sorted({d for d, _, _ in lin})
+  heads_list = sorted({h for _, h, _ in lin})
+  d12 = 12 if 12 in depths else depths[-1]
+  lines = [f"Targets (sharing {sharing!r}, policy nothing_saveable; ✅ met, ❌ missed):", ""]
+  for h in heads_list:
+    c0, c1 = lin[d12, h, "C0"], lin[d12, h, "C1"]
+    ok = c1["temp_bytes"] <= 0.2 * c0["temp_bytes"] and c1["step_time_s"] <= 1.4 * c0["step_time_s"]
+    lines.append(f"- depth {d12}, {h} heads: C1 temp = {c1['temp_bytes'] / c0['temp_bytes']:.1%} of C0 "
+                 f"(≤ 20 %), step time {c1['step_time_s'] / c0['step_time_s']:.2f}× C0 (≤ 1.4×) "
+                 f"{'✅' if ok else '❌'}")
+  h = heads_list[-1]
+  for d in depths:
+    c1, c2 = lin[d, h, "C1"], lin[d, h, "C2"]
+    ratio = c2["temp_bytes"] / c1["temp_bytes"]
+    lines.append(f"- {h} heads, depth {d}: C2 temp = {ratio:.3f}× C1 (≤ 0.7×) {'✅' if ratio <= 0.7 else '❌'}")
+  lo, hi = (depths[0], depths[-1]) if quick else (4, 24)
+  mib = 2.0 ** 20
+  for h in heads_list:
+    growth = (lin[hi, h, "C1"]["temp_bytes"] - lin[lo, h, "C1"]["temp_bytes"]) / (hi - lo) / mib
+    saved = lin[hi, h, "C1"]["saved_input_bytes_per_layer"] / mib
+    lines.append(f"- {h} heads: C1 temp grows {growth:.2f} MiB/layer from depth {lo} to {hi}; the two saved "
+                 f"sub-layer inputs are {saved:.2f} MiB/layer (C0 grows "
+                 f"{(lin[hi, h, 'C0']['temp_bytes'] - lin[lo, h, 'C0']['temp_bytes']) / (hi - lo) / mib:.2f})")
+  return lines
+
+
 def plot(rows, path):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  lin = [r for r in rows if r["model"].startswith("linformer") and r["policy"] == "nothing_saveable"]
+  sharing = rows[0]["sharing"]
+  lin = [r for r in rows if r["model"].startswith("linformer") and r["policy"] == "nothing_saveable"
+         and r["sharing"] == sharing]
   heads_list = sorted({r["heads"] for r in lin})
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for level, style in zip(REMAT_LEVELS, ("-o", "--s", ":^")):
@@ -105,7 +149,7 @@ def plot(rows, path):
                    label=f"{level} h={heads}")
       axes[1].plot([d for d, _ in pts], [r["step_time_s"] * 1e3 for _, r in pts], style,
                    label=f"{level} h={heads}")
-  axes[0].set(xlabel="depth", ylabel="XLA temp memory (MiB)", title="Linformer train step: memory")
+  axes[0].set(xlabel="depth", ylabel="XLA temp memory (MiB)", title=f"Linformer train step: memory (sharing {sharing})")
   axes[1].set(xlabel="depth", ylabel="step time (ms)", title="Linformer train step: time")
   axes[0].legend(fontsize=7, ncol=3)
   fig.tight_layout()
@@ -118,11 +162,15 @@ def main(argv=None):
   p.add_argument("--out", required=True, help="output directory")
   p.add_argument("--quick", action="store_true", help="small sweep (< 2 min on 2 CPU cores)")
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--sharing", default="headwise", choices=("none", "headwise", "kv"),
+                 help="E/F sharing of the main Linformer sweep (layerwise cannot be scanned)")
   args = p.parse_args(argv)
-  rows = run(args.quick, max(args.repeats, 5))
+  rows = run(args.quick, max(args.repeats, 5), args.sharing)
+  targets = check_targets(rows, args.quick)
+  print("\n".join(targets))
   out = write_outputs(args.out, "remat", rows, COLUMNS, "Checkpoint levels C0/C1/C2: memory and time",
-                      notes="temp_bytes = XLA compile-time temp buffers of one optimizer step; "
-                            "step_time_s = median of >= 5 runs after warm-up.")
+                      notes="\n".join(targets) + "\n\ntemp_bytes = XLA compile-time temp buffers of one "
+                            "optimizer step; step_time_s = median of >= 5 runs after warm-up.")
   plot(rows, out / "remat.png")
   print(f"wrote {out / 'remat.json'}, {out / 'remat.md'}, {out / 'remat.png'}")
 
