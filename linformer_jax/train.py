@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from typing import Any, Callable, Optional
 
 import flax
@@ -144,12 +145,12 @@ def _prepare_workdir(workdir: pathlib.Path) -> None:
   checkpoint."""
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / f".write_probe.{os.getpid()}"
+    probe = workdir / f".write_probe.{uuid.uuid4().hex}"  # unique per process, also on a shared file system
     with open(probe, "wb") as f:
       f.write(b"\0" * 4096)
       f.flush()
       os.fsync(f.fileno())
-    probe.unlink()
+    probe.unlink(missing_ok=True)
   except OSError as err:
     raise type(err)(err.errno, f"workdir={str(workdir)!r} is not writable ({err.strerror or err}); checkpoints, "
                     "metrics and config.json go there: pick a writable --workdir.") from None

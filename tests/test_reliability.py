@@ -216,7 +216,7 @@ BAD_INPUTS = {
     "weight file missing a tensor": ("no cls_token", lambda ctx: from_timm_xcit(load_state_dict(_weights_file(
         ctx.tmp / "w.safetensors", drop="cls_token")), "xcit_nano_12_p16_224"), ValueError,
         ["missing keys (1)", "cls_token (1, 1, 128)"], True),
-    "weight file with a wrong shape": ("pos_embeder.token_projection.weight (3, 5)", lambda ctx: from_timm_xcit(
+    "weight file with a wrong shape": ("pos_embed.token_projection.weight (3, 5)", lambda ctx: from_timm_xcit(
         load_state_dict(_weights_file(ctx.tmp / "w.safetensors", reshape="pos_embed.token_projection.weight")),
         "xcit_nano_12_p16_224"), ValueError,
         ["wrong shapes (1)", "pos_embed.token_projection.weight: got (3, 5), expected (128, 64, 1, 1)"], True),
