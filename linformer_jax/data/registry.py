@@ -47,7 +47,8 @@ def _check_fields(keys) -> None:
     if key not in KNOWN_FIELDS:
       close = difflib.get_close_matches(str(key), sorted(KNOWN_FIELDS), n=1)
       hint = f" (did you mean {close[0]!r}?)" if close else ""
-      raise ValueError(f"unknown data config field data.{key}{hint}; allowed fields: {', '.join(sorted(KNOWN_FIELDS))}.")
+      raise ValueError(f"unknown data config field data.{key}{hint}; allowed fields: "
+                       f"{', '.join(sorted(KNOWN_FIELDS))}.")
 
 
 def _check_name(name: Any) -> None:
