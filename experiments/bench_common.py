@@ -29,9 +29,131 @@ def machine_info() -> dict:
     pass
   import flax
   import numpy
-  return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
+  info = {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
           "devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__, "flax": flax.__version__,
           "numpy": numpy.__version__, "python": platform.python_version()}
+  info.update(host_load())
+  return info
+
+
+def host_load() -> dict:
+  """What else the machine is doing: load averages (1/5/15 min: > cores means contention), usable cores, the
+  memory available, and the XLA flags in force (JAX's CPU thread pool uses every core it may run on)."""
+  try:
+    usable = len(os.sched_getaffinity(0))
+  except AttributeError:
+    usable = os.cpu_count()
+  info = {"loadavg": [round(v, 2) for v in os.getloadavg()], "usable_cores": usable,
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  available = mem_available_bytes()
+  if available is not None:
+    info["mem_available_bytes"] = available
+  return info
+
+
+def mem_available_bytes() -> int | None:
+  """MemAvailable from /proc/meminfo (bytes), None where unavailable."""
+  try:
+    for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+      if line.startswith("MemAvailable:"):
+        return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def memory_budget(max_gib: float | None, fraction: float = 0.6) -> int:
+  """Bytes a single measurement may use: ``max_gib`` if given, else ``fraction`` of MemAvailable now."""
+  if max_gib is not None:
+    return int(max_gib * 2**30)
+  available = mem_available_bytes()
+  return int(fraction * available) if available is not None else 8 * 2**30
+
+
+def interleaved_median_times(fns: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1) -> dict:
+  """Median wall time of each zero-argument callable (each must block until its result is ready), timed in
+  rounds — one run of every callable per round — so that a change in machine load hits all of them alike.
+  Returns {name: seconds}."""
+  for _ in range(warmup):
+    for fn in fns.values():
+      fn()
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def blocking(compiled: Callable, *args) -> Callable[[], Any]:
+  """A zero-argument callable running ``compiled(*args)`` to completion (for ``interleaved_median_times``)."""
+  return lambda: jax.block_until_ready(compiled(*args))
+
+
+def first_run_rss_rise(compiled: Callable, *args) -> int | None:
+  """Peak-RSS rise of the process during one execution of ``compiled(*args)`` (high-water mark reset just before;
+  None where /proc/self/clear_refs is unavailable). Meaningful for large buffers: smaller freed blocks may stay
+  in the allocator and hide part of the rise."""
+  from experiments.bench_torch import rss_rise
+  return rss_rise(blocking(compiled, *args))
+
+
+def random_like(abstract_tree, seed: int = 0, scale: float = 0.02):
+  """Concrete arrays for a tree of ``jax.ShapeDtypeStruct`` (e.g. ``jax.eval_shape(model.init, ...)``): normal
+  values × ``scale`` drawn with numpy, so no per-shape random kernels are compiled. For timing and memory only
+  (values do not change the work done); use the model's ``init`` where the numbers matter."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jax.numpy.asarray((rng.standard_normal(s.shape) * scale).astype(s.dtype)),
+                      abstract_tree)
+
+
+def write_plot(path, draw: Callable, ncols: int = 2, figsize=(11, 4)) -> None:
+  """Saves a matplotlib figure of ``ncols`` axes drawn by ``draw(axes)`` to ``path`` (Agg backend)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, ncols, figsize=figsize, squeeze=False)
+  draw(list(axes[0]))
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def fmt_bytes(b) -> str:
+  return "–" if b is None else f"{b / 2**20:.1f} MiB"
+
+
+def bench_parser(doc: str, quick_help: str = "small sweep (< 2 min on 2 CPU cores)"):
+  """The argument parser of a benchmark script (its module docstring as help) with the common arguments."""
+  import argparse
+  return add_common_args(argparse.ArgumentParser(description=doc,
+                                                 formatter_class=argparse.RawDescriptionHelpFormatter), quick_help)
+
+
+def sweep_mode(args) -> str:
+  """"tiny" (hidden test mode), "quick" or "full"."""
+  return "tiny" if args.tiny else "quick" if args.quick else "full"
+
+
+def finish(args, name: str, rows: list[dict], columns: Sequence[str], title: str, notes: str,
+           plot: Callable) -> list[dict]:
+  """Writes DIR/name.{json,md} (``write_outputs``) and DIR/name.png (``plot(rows, path)``); returns rows."""
+  out = write_outputs(args.out, name, rows, columns, title, notes=notes)
+  plot(rows, out / f"{name}.png")
+  print(f"wrote {out / name}.json, .md, .png")
+  return rows
+
+
+def add_common_args(p, quick_help: str = "small sweep (< 2 min on 2 CPU cores)"):
+  """--out, --quick, --repeats, and a hidden --tiny (a seconds-long sweep for the tests)."""
+  import argparse
+  p.add_argument("--out", required=True, help="output directory")
+  p.add_argument("--quick", action="store_true", help=quick_help)
+  p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median; at least 5)")
+  return p
 
 
 def compile_fn(fn: Callable, *args, donate_argnums=()) -> tuple[Any, float, dict]:

@@ -1,0 +1,200 @@
+"""Linformer paper Table 3 on this machine: inference time and memory saved by Linformer over a Transformer.
+
+    python -m experiments.bench_efficiency --out DIR [--quick] [--max-mem-gib G]
+
+Both models are ``linformer_jax.models.Linformer`` with the same block (pre-LN, GELU FF, no dropout); the
+Transformer is ``attention="full"`` (``jax.nn.dot_product_attention``), the Linformer ``sharing="layerwise"``
+(one E=F for the whole network, as in the paper's Table 3). Each n: one full-attention baseline and every k < n,
+timed in interleaved rounds in the same run (median of >= 5 after a warm-up; compile reported separately).
+
+Section "time+memory" (timed): dim 256, 4 heads (head dim 64), FF 1024, depth 2, batch = max(1, 8192 // n)
+sequences (the paper measured at the largest batch that fits; here the batch keeps ~8k tokens per call).
+Section "memory only": the BERT-base geometry (dim 768, 12 heads, FF 3072, depth 12, batch 1), XLA memory
+from compilation alone, nothing executed.
+
+Memory = XLA ``memory_analysis()`` temp + argument bytes of the jitted forward (deterministic; arguments
+include the parameters and the input); also the temp-only ratio and the peak-RSS rise of the first execution.
+A full-attention run whose XLA memory exceeds the budget (``--max-mem-gib``, default 60 % of MemAvailable)
+is not executed: its row keeps the compile-time memory and says why the time is missing.
+Rows: section, n, k, batch, time_full_s, time_linformer_s, time_saved, paper_time_saved, mem_full_bytes,
+mem_linformer_bytes, mem_saved, paper_mem_saved, temp_saved, rss_rise_*, compile_*_s, note.
+Writes DIR/efficiency.{json,md,png}.
+"""
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+
+from experiments.bench_common import (bench_parser, blocking, compile_fn, finish, first_run_rss_rise, fmt_bytes,
+                                      interleaved_median_times, memory_budget, random_like, sweep_mode,
+                                      write_plot)
+from linformer_jax.models import Linformer
+
+# Linformer paper (arXiv 2006.04768) Table 3: (time saved ×, memory saved ×) by (n, k); V100, max batch.
+PAPER_TABLE3 = {
+    (512, 128): (1.5, 1.7), (512, 256): (1.3, 1.5),
+    (1024, 128): (1.7, 3.0), (1024, 256): (1.6, 2.9), (1024, 512): (1.3, 1.8),
+    (2048, 128): (2.6, 6.1), (2048, 256): (2.4, 5.6), (2048, 512): (2.1, 3.6), (2048, 1024): (1.3, 2.0),
+    (4096, 128): (3.4, 14), (4096, 256): (3.2, 13), (4096, 512): (2.8, 8.3), (4096, 1024): (2.2, 4.3),
+    (4096, 2048): (1.3, 2.3),
+    (8192, 128): (5.5, 28), (8192, 256): (5.0, 26), (8192, 512): (4.4, 17), (8192, 1024): (3.5, 8.5),
+    (8192, 2048): (2.1, 4.5),
+    (16384, 128): (8.6, 56), (16384, 256): (7.8, 48), (16384, 512): (7.0, 32), (16384, 1024): (5.6, 16),
+    (16384, 2048): (3.3, 8),
+}
+
+SWEEPS = {  # ns, ks, model geometry, tokens per call; memory-only geometry, its ns and ks
+    "full": dict(ns=(512, 1024, 2048, 4096, 8192, 16384), ks=(128, 256, 512, 1024, 2048),
+                 model=dict(dim=256, num_heads=4, dim_ff=1024, depth=2), tokens=8192,
+                 mem_model=dict(dim=768, num_heads=12, dim_ff=3072, depth=12),
+                 mem_ns=(512, 1024, 2048, 4096, 8192, 16384), mem_ks=(128, 256, 512, 1024, 2048)),
+    "quick": dict(ns=(512, 1024, 2048), ks=(128, 256), model=dict(dim=256, num_heads=4, dim_ff=1024, depth=2),
+                  tokens=4096, mem_model=dict(dim=768, num_heads=12, dim_ff=3072, depth=12),
+                  mem_ns=(1024, 4096), mem_ks=(128,)),
+    "tiny": dict(ns=(64, 256), ks=(32,), model=dict(dim=32, num_heads=2, dim_ff=64, depth=1), tokens=256,
+                 mem_model=dict(dim=64, num_heads=4, dim_ff=128, depth=1), mem_ns=(256,), mem_ks=(32,)),
+}
+
+COLUMNS = ["section", "n", "k", "batch", "time_full_s", "time_linformer_s", "time_saved", "paper_time_saved",
+           "mem_full_bytes", "mem_linformer_bytes", "mem_saved", "paper_mem_saved", "temp_saved", "note"]
+
+
+def _model(n, k, attention, geometry):
+  return Linformer(max_len=n, k=min(k, n), attention=attention, sharing="layerwise", **geometry)
+
+
+def _compile_forward(model, x_shape):
+  x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  compiled, seconds, memory = compile_fn(model.apply, variables, x)
+  return compiled, variables, seconds, memory
+
+
+
+
+def _mem(memory):
+  return memory["temp_bytes"] + memory["argument_bytes"]
+
+
+def _ratios(row):
+  paper = PAPER_TABLE3.get((row["n"], row["k"]))
+  row["paper_time_saved"], row["paper_mem_saved"] = paper if paper else (None, None)
+  if row.get("time_full_s") and row.get("time_linformer_s"):
+    row["time_saved"] = round(row["time_full_s"] / row["time_linformer_s"], 2)
+  row["mem_saved"] = round(row["mem_full_bytes"] / row["mem_linformer_bytes"], 2)
+  row["temp_saved"] = round(row["temp_full_bytes"] / row["temp_linformer_bytes"], 2)
+
+
+def _print(row):
+  t = f"{row['time_saved']:.2f}x" if row.get("time_saved") else "  –  "
+  pt = row["paper_time_saved"] if row["paper_time_saved"] is not None else "–"
+  pm = row["paper_mem_saved"] if row["paper_mem_saved"] is not None else "–"
+  print(f"{row['section']:>12} n {row['n']:>5} k {row['k']:>4}: time saved {t} (paper {pt}x), memory saved "
+        f"{row['mem_saved']:.1f}x (paper {pm}x) [full {fmt_bytes(row['mem_full_bytes'])}, linformer "
+        f"{fmt_bytes(row['mem_linformer_bytes'])}]{'  ' + row['note'] if row.get('note') else ''}", flush=True)
+
+
+def timed_section(sweep, repeats, budget):
+  rows = []
+  geometry = sweep["model"]
+  for n in sweep["ns"]:
+    batch = max(1, sweep["tokens"] // n)
+    shape = (batch, n, geometry["dim"])
+    full_model = _model(n, n, "full", geometry)
+    full_c, full_abstract, full_compile_s, full_mem = _compile_forward(full_model, shape)
+    x = random_like(jax.ShapeDtypeStruct(shape, jnp.float32), seed=1, scale=1.0)
+    fns, lin = {}, {}
+    note = ""
+    if _mem(full_mem) <= budget:
+      full_vars = random_like(full_abstract)
+      full_rss = first_run_rss_rise(full_c, full_vars, x)
+      fns["full"] = blocking(full_c, full_vars, x)
+    else:
+      full_rss = None
+      note = (f"full attention not run: XLA memory {_mem(full_mem) / 2**30:.1f} GiB > budget "
+              f"{budget / 2**30:.1f} GiB (the n×n scores are {n * n * 4 / 2**30:.2f} GiB per head and sequence)")
+    for k in [k for k in sweep["ks"] if k < n]:
+      model = _model(n, k, "linformer", geometry)
+      compiled, abstract, compile_s, mem = _compile_forward(model, shape)
+      variables = random_like(abstract)
+      lin[k] = dict(mem=mem, compile_s=compile_s, rss=first_run_rss_rise(compiled, variables, x))
+      fns[k] = blocking(compiled, variables, x)
+    times = interleaved_median_times(fns, repeats=repeats)
+    for k, res in lin.items():
+      row = dict(section="time+memory", n=n, k=k, batch=batch, **geometry,
+                 time_full_s=times.get("full"), time_linformer_s=times[k],
+                 mem_full_bytes=_mem(full_mem), mem_linformer_bytes=_mem(res["mem"]),
+                 temp_full_bytes=full_mem["temp_bytes"], temp_linformer_bytes=res["mem"]["temp_bytes"],
+                 rss_rise_full_bytes=full_rss, rss_rise_linformer_bytes=res["rss"],
+                 compile_full_s=round(full_compile_s, 3), compile_linformer_s=round(res["compile_s"], 3),
+                 note=note)
+      _ratios(row)
+      rows.append(row)
+      _print(row)
+    del fns, full_c
+  return rows
+
+
+def memory_section(sweep):
+  rows = []
+  geometry = sweep["mem_model"]
+  for n in sweep["mem_ns"]:
+    shape = (1, n, geometry["dim"])
+    _, _, _, full_mem = _compile_forward(_model(n, n, "full", geometry), shape)
+    for k in [k for k in sweep["mem_ks"] if k < n]:
+      _, _, _, mem = _compile_forward(_model(n, k, "linformer", geometry), shape)
+      row = dict(section="memory only", n=n, k=k, batch=1, **geometry, mem_full_bytes=_mem(full_mem),
+                 mem_linformer_bytes=_mem(mem), temp_full_bytes=full_mem["temp_bytes"],
+                 temp_linformer_bytes=mem["temp_bytes"], note="compiled, not executed")
+      _ratios(row)
+      rows.append(row)
+      _print(row)
+  return rows
+
+
+def run(mode: str, repeats: int, max_mem_gib=None, ns=None):
+  sweep = dict(SWEEPS[mode])
+  if ns:  # a subset of the sequence lengths (e.g. one n again with a larger memory budget)
+    sweep.update(ns=[n for n in sweep["ns"] if n in ns], mem_ns=[n for n in sweep["mem_ns"] if n in ns])
+  budget = memory_budget(max_mem_gib)
+  return timed_section(sweep, repeats, budget) + memory_section(sweep)
+
+
+def plot(rows, path):
+  def draw(axes):
+    for ax, key, paper_key, label in ((axes[0], "time_saved", "paper_time_saved", "inference time saved (×)"),
+                                      (axes[1], "mem_saved", "paper_mem_saved", "memory saved (×)")):
+      timed = [r for r in rows if r["section"] == "time+memory"]
+      for i, k in enumerate(sorted({r["k"] for r in timed})):
+        pts = sorted((r["n"], r) for r in timed if r["k"] == k and r.get(key))
+        if not pts:
+          continue
+        line, = ax.plot([n for n, _ in pts], [r[key] for _, r in pts], "-o", label=f"ours k={k}")
+        paper = [(n, r[paper_key]) for n, r in pts if r[paper_key]]
+        if paper:
+          ax.plot(*zip(*paper), "--", color=line.get_color(), alpha=0.6, label=f"paper k={k}")
+      ax.set(xscale="log", yscale="log", xlabel="sequence length n", ylabel=label)
+      ax.legend(fontsize=7, ncol=2)
+    axes[0].set_title("Linformer / Transformer: time (dashed: paper Table 3)")
+    axes[1].set_title("memory (XLA temp + arguments)")
+  write_plot(path, draw)
+
+
+def main(argv=None):
+  p = bench_parser(__doc__)
+  p.add_argument("--max-mem-gib", type=float, default=None,
+                 help="largest XLA memory a full-attention run may use (default: 60%% of MemAvailable)")
+  p.add_argument("--ns", type=lambda v: [int(n) for n in v.split(",")], default=None,
+                 help="only these sequence lengths of the sweep, comma-separated")
+  args = p.parse_args(argv)
+  mode = sweep_mode(args)
+  rows = run(mode, max(args.repeats, 5), args.max_mem_gib, args.ns)
+  return finish(args, "efficiency", rows, COLUMNS, "Linformer vs Transformer inference (paper Table 3)",
+                "time_saved = time_full_s / time_linformer_s (same run, interleaved, median of >= 5); "
+                "mem = XLA temp + argument bytes of the jitted forward; temp_saved = temp-only ratio; "
+                "paper_* = Linformer paper Table 3 (V100, max batch).", plot)
+
+
+if __name__ == "__main__":
+  main()
