@@ -11,10 +11,12 @@ XCiT's attention is d_h × d_h per head (independent of the N tokens), ViT's N �
 
 timm (section "timm"): our ``xcit_nano_12_p16_224`` vs ``timm.create_model("xcit_nano_12_p16_224")`` (eager
 PyTorch, ``no_grad``, eval) at 224² and 384², batch 1, same number of threads (all usable cores), measured in
-the same run: ours in this process, timm's in a subprocess of ``--torch-python`` (a Python with torch and
+the same run: ours in this process (timed before and after timm's run; the mean), timm's in a subprocess of
+``--torch-python`` (a Python with torch and
 timm; default: this interpreter if it has torch, otherwise the section is skipped with a message). Memory:
 peak-RSS rise of the first forward on both sides (and XLA temp + argument bytes for ours).
-Rows: section, model, res, tokens, time_s, mem_bytes, ... Writes DIR/xcit.{json,md,png}.
+``--sections timm`` runs only the timm comparison. Rows: section, model, res, tokens, time_s, mem_bytes, ...
+Writes DIR/xcit.{json,md,png}.
 """
 from __future__ import annotations
 
@@ -86,15 +88,19 @@ def versus_timm(resolutions, repeats, torch_python):
   for res in resolutions:
     compiled, args, seconds, memory = compile_model(MODELS["N12"], res)
     rise = first_run_rss_rise(compiled, *args)
-    ours = interleaved_median_times({"ours": blocking(compiled, *args)}, repeats=repeats)["ours"]
+    # ours is timed before and after timm's subprocess (the mean is used), bracketing drifts in machine load
+    ours_before = interleaved_median_times({"ours": blocking(compiled, *args)}, repeats=repeats)["ours"]
     theirs = bench_torch.run_worker_best_threads(torch_python, dict(
         task="timm", name=MODELS["N12"], img=res, batch=1, repeats=repeats, warmup=2), threads)
+    ours_after = interleaved_median_times({"ours": blocking(compiled, *args)}, repeats=repeats)["ours"]
+    ours = (ours_before + ours_after) / 2
     rows.append(dict(section="timm", model="N12", name=MODELS["N12"], res=res, tokens=(res // 16) ** 2,
                      time_s=ours, timm_time_s=theirs["fwd_time_s"],
                      ours_over_timm_time=round(ours / theirs["fwd_time_s"], 3),
                      mem_bytes=memory["temp_bytes"] + memory["argument_bytes"], rss_rise_bytes=rise,
                      timm_rss_rise_bytes=theirs["fwd_rss_rise_bytes"], compile_s=round(seconds, 3),
                      threads=threads, torch=theirs["torch"], timm=theirs["timm"],
+                     time_s_before_after=[ours_before, ours_after],
                      timm_best_threads=theirs["fwd_best_threads"], timm_params=theirs["params"],
                      timm_time_s_by_threads={k.split("_")[-1]: v for k, v in theirs.items()
                                              if k.startswith("fwd_time_s_")}))
@@ -104,10 +110,10 @@ def versus_timm(resolutions, repeats, torch_python):
   return rows
 
 
-def run(mode: str, repeats: int, torch_python):
+def run(mode: str, repeats: int, torch_python, sections=("scaling", "timm")):
   models, resolutions, timm_res, overrides = SWEEPS[mode]
-  rows = scaling(models, resolutions, repeats, overrides)
-  if timm_res:
+  rows = scaling(models, resolutions, repeats, overrides) if "scaling" in sections else []
+  if timm_res and "timm" in sections:
     ok, why = bench_torch.torch_python_ok(torch_python) if torch_python else (False, "no --torch-python")
     if ok:
       rows += versus_timm(timm_res, repeats, torch_python)
@@ -128,7 +134,8 @@ def plot(rows, path):
       axes[1].plot([t for t, _ in pts], [r["mem_bytes"] / 2**20 for _, r in pts], style, label=name)
     for ax, label in zip(axes, ("forward time (ms)", "XLA temp + argument memory (MiB)")):
       ax.set(xscale="log", yscale="log", xlabel="tokens (res/16)²", ylabel=label)
-      ax.legend(fontsize=7)
+      if ax.lines:
+        ax.legend(fontsize=7)
     axes[0].set_title("XCiT (linear in tokens) vs DeiT (quadratic): time")
     axes[1].set_title("memory")
   write_plot(path, draw)
@@ -138,9 +145,11 @@ def main(argv=None):
   p = bench_parser(__doc__)
   p.add_argument("--torch-python", default=None,
                  help="a Python with torch and timm for the timm comparison (default: this one if it has torch)")
+  p.add_argument("--sections", default="scaling,timm", help="comma-separated subset of: scaling, timm")
   args = p.parse_args(argv)
   mode = sweep_mode(args)
-  rows = run(mode, max(args.repeats, 5), args.torch_python or bench_torch.default_torch_python())
+  rows = run(mode, max(args.repeats, 5), args.torch_python or bench_torch.default_torch_python(),
+             args.sections.split(","))
   return finish(args, "xcit", rows, COLUMNS, "XCiT vs ViT/DeiT, and vs timm",
                 "time_s = median forward time (batch 1, interleaved rounds); mem = XLA temp + argument "
                 "bytes; *_vs_224 relative to the smallest resolution; xcit_over_vit_* against the ViT of "
