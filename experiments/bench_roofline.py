@@ -127,7 +127,7 @@ def plot(rows, path):
     axes[0].invert_yaxis()
     shares = [r for r in rows if r.get("time_share") is not None]
     axes[1].barh([r["part"] for r in shares], [100 * r["time_share"] for r in shares])
-    axes[1].set(xlabel="% of the train step's time (each part's fwd+bwd timed alone)", title="where time goes")
+    axes[1].set(xlabel="% of the step's time (each part timed alone)", title="where time goes")
     axes[1].invert_yaxis()
   write_plot(path, draw, figsize=(13, 4.5))
 
