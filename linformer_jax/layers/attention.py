@@ -14,6 +14,8 @@ real tokens depend neither on the content of padded positions nor on how much pa
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -28,10 +30,20 @@ from linformer_jax.remat import REMAT_POLICIES, map_heads
 SHARING = ("none", "headwise", "kv", "layerwise")
 
 
+def _heads_first(x: jax.Array) -> jax.Array:
+  """(batch, length, heads, d) ↔ (batch, heads, length, d)."""
+  return jnp.swapaxes(x, 1, 2)
+
+
 def attention_weights(q: jax.Array, k: jax.Array, *, key_mask: Optional[jax.Array] = None,
                       is_causal: bool = False) -> jax.Array:
-  """softmax(q kᵀ / sqrt(d)) over keys: q (batch, t, heads, d), k (batch, s, heads, d) → (batch, heads, t, s)."""
-  logits = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+  """softmax(q kᵀ / sqrt(d)) over keys: q (batch, t, heads, d), k (batch, s, heads, d) → (batch, heads, t, s).
+
+  The scale is applied to q (t·d multiplies, not t·s) and the product runs heads-first, which is the layout
+  XLA's batched dot wants (no transposes of the (t, s) scores).
+  """
+  scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+  logits = jnp.einsum("bhtd,bhsd->bhts", _heads_first(q * scale), _heads_first(k))
   big_neg = jnp.finfo(logits.dtype).min
   if key_mask is not None:
     logits = jnp.where(key_mask[:, None, None, :], logits, big_neg)
@@ -48,9 +60,10 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: Opt
   """softmax(q kᵀ / sqrt(d)) v per head.
 
   q: (batch, t, heads, d); k, v: (batch, s, heads, d); key_mask: (batch, s) bool, True = attend.
-  Without dropout and without ``sow`` this is the fused ``jax.nn.dot_product_attention``. Attention-weight
-  dropout and ``sow`` (a callable receiving the (batch, heads, t, s) weights, for attention maps) need the
-  weights, so then they are written out. ``head_remat_policy`` (level C2): one head at a time under
+  Without dropout and without ``sow`` this is the fused ``jax.nn.dot_product_attention`` on GPU/TPU; on CPU,
+  where that call lowers to a generic composition, two heads-first einsums are faster (train step of the
+  roofline config −16 %, docs/benchmarks.md). Attention-weight dropout and ``sow`` (a callable receiving the
+  (batch, heads, t, s) weights, for attention maps) need the weights, so then they are written out. ``head_remat_policy`` (level C2): one head at a time under
   ``jax.checkpoint`` with that policy (not combined with ``sow``, which needs all heads' weights).
   """
   if head_remat_policy is not None and sow is None:
@@ -60,7 +73,7 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: Opt
     one_head = lambda qh, kh, vh, key=None: softmax_attention(
         qh, kh, vh, key_mask=key_mask, is_causal=is_causal, dropout_rate=dropout_rate, dropout_rng=key)
     return map_heads(one_head, head_remat_policy, q, k, v, extra=keys)
-  if (dropout_rate == 0.0 or dropout_rng is None) and sow is None:
+  if (dropout_rate == 0.0 or dropout_rng is None) and sow is None and jax.default_backend() != "cpu":
     mask = None if key_mask is None else key_mask[:, None, None, :]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
   weights = attention_weights(q, k, key_mask=key_mask, is_causal=is_causal)
@@ -69,7 +82,7 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: Opt
   if dropout_rate > 0.0 and dropout_rng is not None:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
     weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-  return jnp.einsum("bhts,bshd->bthd", weights.astype(v.dtype), v)
+  return _heads_first(jnp.einsum("bhts,bhsd->bhtd", weights.astype(v.dtype), _heads_first(v)))
 
 
 class _MultiHead(nn.Module):
@@ -156,7 +169,7 @@ class _MultiHead(nn.Module):
 
 
 class FullSelfAttention(_MultiHead):
-  """Ordinary multi-head softmax attention (O(n²)), via ``jax.nn.dot_product_attention``.
+  """Ordinary multi-head softmax attention (O(n²)), via ``softmax_attention`` (the fused op on GPU/TPU).
 
   Attributes (besides those of ``_MultiHead``):
     causal: position i attends only to positions <= i.
