@@ -1,0 +1,167 @@
+"""experiments.ablate: every sweep's --quick variant runs (tiny model, 2 steps) and writes its JSON / markdown /
+PNG; a rerun skips finished runs; every full arm builds a valid config; bad arguments are refused."""
+import json
+import os
+
+import pytest
+
+from experiments import ablate
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROW_KEYS = {"sweep", "arm", "seed", "overrides", "status", "final", "steps", "wall_time_s", "eval_curve",
+            "param_count", "opt_state_bytes", "run_key", "config"}
+
+
+def check_outputs(out, name, result, arms):
+  sweep = ablate.SWEEPS[name]
+  for ext in ("json", "md", "png"):
+    assert result["paths"][ext] == out / f"{name}.{ext}" and os.path.getsize(out / f"{name}.{ext}") > 100
+  with open(out / f"{name}.png", "rb") as f:
+    assert f.read(8) == PNG_MAGIC
+  doc = json.loads((out / f"{name}.json").read_text())
+  assert doc["sweep"] == name and doc["quick"] is True and doc["metric"] == sweep.metric
+  assert [r["arm"] for r in doc["rows"]] == arms and [s["arm"] for s in doc["summary"]] == arms
+  for row in doc["rows"]:
+    assert ROW_KEYS <= set(row)
+    assert row["status"] == "ok" and row["steps"] == 2 and row["wall_time_s"] > 0
+    assert sweep.metric in row["final"] and row["eval_curve"][-1][0] == 2
+    assert row["opt_state_bytes"] > 0 and row["param_count"] > 0
+    assert os.path.exists(out / name / f"{row['arm']}_seed0" / ablate.RUN_MARKER)
+  md = (out / f"{name}.md").read_text()
+  assert sweep.claim in md and all(f"| {a} |" in md for a in arms)
+  return doc
+
+
+# Real training (2 steps of a tiny model) for the four kinds of sweep: MLM (with a rerun that skips), ListOps
+# (with the test split of the final checkpoint), XCiT on digits and the optimizer arms.
+@pytest.mark.parametrize("name,arms", [("linformer_k", "k8"), ("lra_listops", None),
+                                       ("xcit_components", "self_attention"), ("adafactor", "unfactored")])
+def test_quick_sweep_runs_and_writes_outputs(tmp_path, name, arms):
+  result = ablate.main(["--sweep", name, "--out", str(tmp_path), "--quick"] + (["--arms", arms] if arms else []))
+  arms = arms.split(",") if arms else [a for a, _ in ablate.SWEEPS[name].quick_arms]
+  doc = check_outputs(tmp_path, name, result, arms)
+  if name == "lra_listops":  # test split of the final checkpoint, evaluated after training
+    final = doc["rows"][0]["final"]
+    assert final["test_checkpoint_step"] == 2 and final["test_examples"] == 16
+    assert 0.0 <= final["test_accuracy"] <= 1.0 and "test_accuracy_mean" in doc["summary"][0]
+  if name == "linformer_k":  # rerun: everything is skipped, outputs rewritten from the markers
+    mtime = os.path.getmtime(tmp_path / name / "k8_seed0" / "metrics.jsonl")
+    again = ablate.run_sweep(name, tmp_path, quick=True, arms=["k8"], log=lambda m: None)
+    assert all(r["skipped"] for r in again["rows"])
+    assert os.path.getmtime(tmp_path / name / "k8_seed0" / "metrics.jsonl") == mtime
+    assert [r["final"] for r in again["rows"]] == [r["final"] for r in result["rows"]]
+
+
+def fake_train_and_evaluate(config, workdir):
+  """Stands in for the trainer (same files and return value); checks the model and optimizer build."""
+  from linformer_jax.metrics import MetricWriter
+  ablate._state_sizes(config, workdir)
+  ppl = 20.0 + config.model.get("k", 0) / 100.0
+  writer = MetricWriter(workdir, tensorboard=False)
+  for step in range(1, config.total_steps + 1):
+    writer.write(step, {"loss": 3.0 / step, "steps_per_s": 1.0, "eval_perplexity": ppl + 1.0 / step,
+                        "eval_accuracy": 0.5})
+  writer.close()
+  return {"eval_loss": 3.0, "eval_accuracy": 0.5, "eval_perplexity": ppl + 1.0 / config.total_steps,
+          "baseline_unigram_perplexity": 25.0, "step": config.total_steps}
+
+
+# The other MLM sweeps differ from linformer_k only in model/data fields: their quick variants run through
+# the sweep machinery with a stand-in trainer (real model and optimizer construction, no compilation).
+@pytest.mark.parametrize("name", ["linformer_n", "linformer_sharing", "linformer_projection",
+                                  "linformer_nonuniform_k"])
+def test_quick_sweep_other_mlm(tmp_path, monkeypatch, name):
+  monkeypatch.setattr("linformer_jax.train.train_and_evaluate", fake_train_and_evaluate)
+  result = ablate.run_sweep(name, tmp_path, quick=True, log=lambda m: None)
+  check_outputs(tmp_path, name, result, [a for a, _ in ablate.SWEEPS[name].quick_arms])
+  for s in result["summary"]:
+    assert s["eval_perplexity_std"] == 0.0 and s["eval_perplexity_mean"] > 20
+
+
+def test_seeds_mean_and_std(tmp_path, monkeypatch):
+  monkeypatch.setattr("linformer_jax.train.train_and_evaluate", fake_train_and_evaluate)
+  result = ablate.main(["--sweep", "linformer_sharing", "--out", str(tmp_path), "--quick", "--seeds", "0,1",
+                        "--arms", "layerwise"])
+  assert [(r["arm"], r["seed"]) for r in result["rows"]] == [("layerwise", 0), ("layerwise", 1)]
+  (summary,) = result["summary"]
+  assert summary["seeds"] == [0, 1] and summary["eval_perplexity_std"] == 0.0
+  assert "±" in (tmp_path / "linformer_sharing.md").read_text()
+
+
+def test_diverged_run_is_recorded(tmp_path, monkeypatch):
+  def diverge(config, workdir):
+    raise FloatingPointError("non-finite loss within steps 1..2")
+  monkeypatch.setattr("linformer_jax.train.train_and_evaluate", diverge)
+  result = ablate.run_sweep("adafactor", tmp_path, quick=True, arms=["unfactored"], log=lambda m: None)
+  (row,) = result["rows"]
+  assert row["status"] == "diverged" and "non-finite" in row["error"]
+  assert result["summary"][0]["diverged"] == 1 and result["summary"][0]["eval_perplexity_mean"] is None
+  assert "non-finite" in (tmp_path / "adafactor.md").read_text()
+
+
+def test_every_arm_builds_a_valid_config():
+  from linformer_jax.optim import make_optimizer
+  for name, sweep in ablate.SWEEPS.items():
+    assert len({a for a, _ in sweep.arms}) == len(sweep.arms) and sweep.seeds
+    for quick in (False, True):
+      for arm, overrides in (sweep.quick_arms if quick else sweep.arms):
+        config = ablate.run_config(sweep, overrides, 3, quick)
+        assert config.seed == 3
+        make_optimizer(config.optimizer, config.total_steps)  # validates the optimizer arms
+        for key, value in overrides.items():
+          target = config
+          for part in ablate.ALIASES.get(key, key).split("."):
+            target = target[part]
+          assert target == value, (name, arm, key)
+
+
+def test_optimizer_state_bytes_of_the_adafactor_arms(tmp_path):
+  sweep = ablate.SWEEPS["adafactor"]
+  arms = dict(sweep.arms)
+  size = {a: ablate._state_sizes(ablate.run_config(sweep, arms[a], 0, False), tmp_path)
+          for a in ("adamw", "adafactor", "unfactored")}
+  params = size["adamw"]["param_bytes"]
+  assert size["adamw"]["opt_state_bytes"] > 2 * params  # m and v
+  assert params < size["unfactored"]["opt_state_bytes"] < params + 1024  # v + small counters
+  assert size["adafactor"]["opt_state_bytes"] < params / 3  # factored: rows + columns
+
+
+def test_changed_config_in_a_finished_workdir_is_refused(tmp_path):
+  sweep = ablate.SWEEPS["linformer_projection"]
+  run = tmp_path / "linformer_projection" / "conv_seed0"
+  run.mkdir(parents=True)
+  (run / ablate.RUN_MARKER).write_text(json.dumps({"run_key": "something else"}))
+  with pytest.raises(ValueError, match="another config"):
+    ablate.run_one(sweep, "conv", dict(sweep.quick_arms)["conv"], 0, tmp_path, True, log=lambda m: None)
+
+
+def test_bad_arguments(tmp_path):
+  with pytest.raises(ValueError, match="unknown sweep"):
+    ablate.run_sweep("nope", tmp_path)
+  with pytest.raises(ValueError, match="unknown arm"):
+    ablate.run_sweep("linformer_k", tmp_path, quick=True, arms=["k999"])
+  with pytest.raises(ValueError, match="unknown config field"):
+    ablate.run_sweep("linformer_k", tmp_path, quick=True, extra={"optimizer.nope": 1})
+  with pytest.raises(SystemExit):
+    ablate.main(["--out", str(tmp_path)])
+
+
+def test_total_steps_extends_finished_runs(tmp_path, monkeypatch):
+  calls = []
+
+  def trainer(config, workdir):
+    calls.append(config.total_steps)
+    return fake_train_and_evaluate(config, workdir)
+  monkeypatch.setattr("linformer_jax.train.train_and_evaluate", trainer)
+  ablate.main(["--sweep", "linformer_projection", "--out", str(tmp_path), "--quick"])
+  result = ablate.main(["--sweep", "linformer_projection", "--out", str(tmp_path), "--quick", "--total_steps", "4"])
+  assert calls == [2, 4] and result["rows"][0]["steps"] == 4 and not result["rows"][0].get("skipped")
+  again = ablate.main(["--sweep", "linformer_projection", "--out", str(tmp_path), "--quick", "--total_steps", "4"])
+  assert calls == [2, 4] and again["rows"][0]["skipped"]
+  with pytest.raises(ValueError, match="more than total_steps"):
+    ablate.main(["--sweep", "linformer_projection", "--out", str(tmp_path), "--quick"])
+  # the cosine schedule (the XCiT sweep) depends on total_steps: no extension
+  ablate.run_sweep("xcit_components", tmp_path, quick=True, arms=["xca"], log=lambda m: None)
+  with pytest.raises(ValueError, match="cosine"):
+    ablate.run_sweep("xcit_components", tmp_path, quick=True, arms=["xca"], extra={"total_steps": 4},
+                     log=lambda m: None)
