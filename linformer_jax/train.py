@@ -546,7 +546,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     checkpointer.save(done, saved_view(state), {"step": done, "data_step": done, "nonfinite_skipped": skipped_host,
                                                 "config": json.loads(config_json)})
     if fault and fault[1] == done and fault[2] == "save":
-      os.kill(os.getpid(), fault[0])
+      signal.raise_signal(fault[0])  # synchronous in this thread: deterministic
 
   try:
     for step in range(start, config.total_steps):
@@ -558,7 +558,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       done = step + 1
       if fault and fault[1] == done and fault[2] == "step":
         checkpointer.wait()  # deterministic: every earlier checkpoint is committed when the signal comes
-        os.kill(os.getpid(), fault[0])
+        signal.raise_signal(fault[0])
       stopping = _stop_requested(stop, done, config)
       row = {}
       if step == start:  # compilation (or a persistent-cache hit) + the first step

@@ -348,13 +348,15 @@ def test_stop_request_turns_signals_into_a_flag_and_restores_handlers():
   stop = train_lib.StopRequest().install()
   try:
     assert stop.signum is None
-    os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: the loop checks the flag after the step
+    # raise_signal delivers to this (the main) thread, so the Python handler has run when it returns; os.kill
+    # may be delivered to one of JAX's threads and the handler run only a few bytecodes later (a flaky test).
+    signal.raise_signal(signal.SIGINT)  # no KeyboardInterrupt: the loop checks the flag after the step
     assert stop.signum == signal.SIGINT
   finally:
     stop.restore()
   assert {s: signal.getsignal(s) for s in before} == before
   with pytest.raises(KeyboardInterrupt):
-    os.kill(os.getpid(), signal.SIGINT)
+    signal.raise_signal(signal.SIGINT)
 
 
 # ----------------------------------------------------------------------------------------------------------
