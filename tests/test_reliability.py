@@ -344,19 +344,24 @@ def test_kill_sigterm_and_corruption_resume_bitwise(corpus, tmp_path):
 
 
 def test_stop_request_turns_signals_into_a_flag_and_restores_handlers():
-  before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-  stop = train_lib.StopRequest().install()
+  calls = []
+  outer = lambda signum, frame: calls.append(signum)  # a known previous handler (the worker's may be anything)
+  saved = {s: signal.signal(s, outer) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
-    assert stop.signum is None
-    # raise_signal delivers to this (the main) thread, so the Python handler has run when it returns; os.kill
-    # may be delivered to one of JAX's threads and the handler run only a few bytecodes later (a flaky test).
-    signal.raise_signal(signal.SIGINT)  # no KeyboardInterrupt: the loop checks the flag after the step
-    assert stop.signum == signal.SIGINT
+    stop = train_lib.StopRequest().install()
+    try:
+      assert stop.signum is None
+      # raise_signal runs the Python handler in this thread before it returns (os.kill may land on a JAX thread)
+      signal.raise_signal(signal.SIGINT)  # no KeyboardInterrupt: the loop checks the flag after the step
+      assert stop.signum == signal.SIGINT and calls == []
+    finally:
+      stop.restore()
+    assert all(signal.getsignal(s) is outer for s in saved)
+    signal.raise_signal(signal.SIGINT)  # the previous handler is back
+    assert calls == [signal.SIGINT]
   finally:
-    stop.restore()
-  assert {s: signal.getsignal(s) for s in before} == before
-  with pytest.raises(KeyboardInterrupt):
-    signal.raise_signal(signal.SIGINT)
+    for s, handler in saved.items():
+      signal.signal(s, handler)
 
 
 # ----------------------------------------------------------------------------------------------------------
