@@ -13,14 +13,13 @@ the markdown starts with the issue's targets checked against the rows.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from experiments.bench_common import compile_fn, median_time, write_outputs
+from experiments.bench_common import bench_parser, compile_fn, finish, median_time, write_plot
 from linformer_jax.models import Linformer, create_model
 from linformer_jax.remat import REMAT_LEVELS, REMAT_POLICIES
 
@@ -124,55 +123,49 @@ def check_targets(rows, quick: bool) -> list[str]:
     lines.append(f"- {h} heads, depth {d}: C2 temp = {ratio:.3f}× C1 (≤ 0.7×) {'✅' if ratio <= 0.7 else '❌'}")
   lo, hi = (depths[0], depths[-1]) if quick else (4, 24)
   mib = 2.0 ** 20
+  def growth(h, level):  # MiB of temp memory per added layer
+    return (lin[hi, h, level]["temp_bytes"] - lin[lo, h, level]["temp_bytes"]) / (hi - lo) / mib
+
   for h in heads_list:
-    growth = (lin[hi, h, "C1"]["temp_bytes"] - lin[lo, h, "C1"]["temp_bytes"]) / (hi - lo) / mib
     saved = lin[hi, h, "C1"]["saved_input_bytes_per_layer"] / mib
-    lines.append(f"- {h} heads: C1 temp grows {growth:.2f} MiB/layer from depth {lo} to {hi}; the two saved "
-                 f"sub-layer inputs are {saved:.2f} MiB/layer (C0 grows "
-                 f"{(lin[hi, h, 'C0']['temp_bytes'] - lin[lo, h, 'C0']['temp_bytes']) / (hi - lo) / mib:.2f})")
+    lines.append(f"- {h} heads: C1 temp grows {growth(h, 'C1'):.2f} MiB/layer from depth {lo} to {hi}; the two "
+                 f"saved sub-layer inputs are {saved:.2f} MiB/layer (C0 grows {growth(h, 'C0'):.2f})")
   return lines
 
 
 def plot(rows, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   sharing = rows[0]["sharing"]
   lin = [r for r in rows if r["model"].startswith("linformer") and r["policy"] == "nothing_saveable"
          and r["sharing"] == sharing]
   heads_list = sorted({r["heads"] for r in lin})
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for level, style in zip(REMAT_LEVELS, ("-o", "--s", ":^")):
-    for heads in heads_list:
-      pts = sorted((r["depth"], r) for r in lin if r["level"] == level and r["heads"] == heads)
-      axes[0].plot([d for d, _ in pts], [r["temp_bytes"] / 2**20 for _, r in pts], style,
-                   label=f"{level} h={heads}")
-      axes[1].plot([d for d, _ in pts], [r["step_time_s"] * 1e3 for _, r in pts], style,
-                   label=f"{level} h={heads}")
-  axes[0].set(xlabel="depth", ylabel="XLA temp memory (MiB)", title=f"Linformer train step: memory (sharing {sharing})")
-  axes[1].set(xlabel="depth", ylabel="step time (ms)", title="Linformer train step: time")
-  axes[0].legend(fontsize=7, ncol=3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+
+  def draw(axes):
+    for level, style in zip(REMAT_LEVELS, ("-o", "--s", ":^")):
+      for heads in heads_list:
+        pts = sorted((r["depth"], r) for r in lin if r["level"] == level and r["heads"] == heads)
+        axes[0].plot([d for d, _ in pts], [r["temp_bytes"] / 2**20 for _, r in pts], style,
+                     label=f"{level} h={heads}")
+        axes[1].plot([d for d, _ in pts], [r["step_time_s"] * 1e3 for _, r in pts], style,
+                     label=f"{level} h={heads}")
+    axes[0].set(xlabel="depth", ylabel="XLA temp memory (MiB)",
+                title=f"Linformer train step: memory (sharing {sharing})")
+    axes[1].set(xlabel="depth", ylabel="step time (ms)", title="Linformer train step: time")
+    axes[0].legend(fontsize=7, ncol=3)
+  write_plot(path, draw)
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--out", required=True, help="output directory")
-  p.add_argument("--quick", action="store_true", help="small sweep (< 2 min on 2 CPU cores)")
-  p.add_argument("--repeats", type=int, default=5)
+  p = bench_parser(__doc__)
   p.add_argument("--sharing", default="headwise", choices=("none", "headwise", "kv"),
                  help="E/F sharing of the main Linformer sweep (layerwise cannot be scanned)")
   args = p.parse_args(argv)
-  rows = run(args.quick, max(args.repeats, 5), args.sharing)
-  targets = check_targets(rows, args.quick)
+  quick = args.quick or args.tiny  # no smaller sweep than --quick here
+  rows = run(quick, max(args.repeats, 5), args.sharing)
+  targets = check_targets(rows, quick)
   print("\n".join(targets))
-  out = write_outputs(args.out, "remat", rows, COLUMNS, "Checkpoint levels C0/C1/C2: memory and time",
-                      notes="\n".join(targets) + "\n\ntemp_bytes = XLA compile-time temp buffers of one "
-                            "optimizer step; step_time_s = median of >= 5 runs after warm-up.")
-  plot(rows, out / "remat.png")
-  print(f"wrote {out / 'remat.json'}, {out / 'remat.md'}, {out / 'remat.png'}")
+  return finish(args, "remat", rows, COLUMNS, "Checkpoint levels C0/C1/C2: memory and time",
+                "\n".join(targets) + "\n\ntemp_bytes = XLA compile-time temp buffers of one optimizer step; "
+                "step_time_s = median of >= 5 runs after warm-up.", plot)
 
 
 if __name__ == "__main__":
