@@ -3,9 +3,16 @@
 * ``C0``: no rematerialisation; every intermediate of the forward pass is kept for the backward pass.
 * ``C1``: each attention and feed-forward sub-layer is wrapped in ``nn.remat``: only its inputs (and what the
   policy saves) are kept; the rest is recomputed in the backward pass, so depth costs little memory.
-* ``C2``: C1 plus the attention core (scores, softmax, weighted sum) computed one head at a time under
-  ``jax.checkpoint`` inside ``lax.map``, so only one head's n×k (Linformer) / n×n (full) / d_h×d_h (XCA)
-  intermediates are live at once — unlike the original, where all heads are still materialised together.
+* ``C2``: C1's promise with less memory, so that head count and feed-forward width also cost little:
+  - the attention core (scores, softmax, weighted sum) runs one head at a time under ``jax.checkpoint``
+    inside ``lax.map``, so only one head's n×k (Linformer) / n×n (full) / d_h×d_h (XCA) intermediates are
+    live at once — unlike the original, where all heads are still materialised together;
+  - the feed-forward runs over the sequence in chunks under ``jax.checkpoint`` (``sequence_chunks``), so one
+    chunk's hidden activations are no bigger than the sub-layer input;
+  - the remat region is the whole layer rather than each sub-layer: one input per layer is kept across
+    layers instead of C1's one per sub-layer. Inside the region nothing is saved beyond the per-head and
+    per-chunk inputs, so the layer's backward pass recomputes its forward once, as at C1.
+  Measured (docs/bench/remat.md): C2 temp memory is the same at 4 and 16 heads, and below C1 at every depth.
 
 ``remat_policy`` names what a rematerialised region may keep:
 
@@ -60,17 +67,31 @@ def checkpoint_policy(name: str) -> Optional[Callable]:
   return getattr(policies, name)
 
 
-def remat_sublayer(module_cls: type, level: str, policy: str, static_argnums: tuple[int, ...],
-                   scanned: bool = False) -> type:
-  """``nn.remat(module_cls)`` at C1/C2, the class itself at C0.
-
-  static_argnums count ``self`` as 0 (flax convention), e.g. (2,) for ``__call__(self, x, deterministic)``.
-  Inside ``nn.scan`` CSE cannot merge the recomputation, so ``prevent_cse`` is off there (faster).
-  """
-  if level == "C0":
-    return module_cls
-  return nn.remat(module_cls, policy=checkpoint_policy(policy), static_argnums=static_argnums,
+def _remat_at(levels: tuple[str, ...], target, level: str, policy: str, static_argnums: tuple[int, ...],
+              scanned: bool):
+  if level not in levels:
+    return target
+  return nn.remat(target, policy=checkpoint_policy(policy), static_argnums=static_argnums,
                   prevent_cse=not scanned)
+
+
+def remat_sublayer(target, level: str, policy: str, static_argnums: tuple[int, ...] = (),
+                   scanned: bool = False):
+  """``nn.remat(target)`` at C1 (one region per sub-layer), ``target`` itself at C0 and C2.
+
+  target: a module class, or a function whose first argument is a module (flax's lifted form).
+  static_argnums count ``self`` (or that module argument) as 0, e.g. (2,) for ``__call__(self, x,
+  deterministic)``. Inside ``nn.scan`` CSE cannot merge the recomputation, so ``prevent_cse`` is off there
+  (faster).
+  """
+  return _remat_at(("C1",), target, level, policy, static_argnums, scanned)
+
+
+def remat_layer(target, level: str, policy: str, static_argnums: tuple[int, ...] = (),
+                scanned: bool = False):
+  """``nn.remat(target)`` at C2 (one region per layer), ``target`` itself at C0 and C1. Arguments as
+  ``remat_sublayer``."""
+  return _remat_at(("C2",), target, level, policy, static_argnums, scanned)
 
 
 def map_heads(fn: Callable, policy: str, *arrays: jax.Array, head_axis: int = 2,

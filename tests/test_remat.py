@@ -115,8 +115,8 @@ def _temp_bytes(model, shape=(4, 512, 64)):
 
 def test_remat_shrinks_saved_memory_with_scanned_layers():
   """XLA temp memory of a gradient step (scanned layers; see jax_engineering.md §2.4 for why scanned)."""
-  model = lambda depth, heads, level: Linformer(max_len=512, dim=64, depth=depth, num_heads=heads, k=128,
-                                                scan_layers=True, remat=level)
+  model = lambda depth, heads, level, sharing="none": Linformer(
+      max_len=512, dim=64, depth=depth, num_heads=heads, k=128, sharing=sharing, scan_layers=True, remat=level)
   c0 = {d: _temp_bytes(model(d, 4, "C0")) for d in (2, 8)}
   c1 = {d: _temp_bytes(model(d, 4, "C1")) for d in (2, 8)}
   assert c1[8] < 0.5 * c0[8]
@@ -124,6 +124,15 @@ def test_remat_shrinks_saved_memory_with_scanned_layers():
   assert c1[8] - c1[2] < 0.3 * (c0[8] - c0[2])
   # C2: with many heads, one head's n×k scores at a time
   assert _temp_bytes(model(2, 16, "C2")) < 0.8 * _temp_bytes(model(2, 16, "C1"))
+  # ... so the head count costs little: 16 heads within 10 % of 4 heads (C1: n×k scores for all heads).
+  # Headwise sharing: with sharing "none" each head's own E/F gradient (n×k) is parameter-sized memory.
+  c2 = {(d, h): _temp_bytes(model(d, h, "C2", "headwise")) for d, h in ((2, 4), (2, 16), (8, 16))}
+  c1 = {d: _temp_bytes(model(d, 16, "C1", "headwise")) for d in (2, 8)}
+  assert abs(c2[2, 16] - c2[2, 4]) < 0.1 * c2[2, 4]
+  # ... and one input per layer is kept across layers (C1: one per sub-layer), so depth costs less than at C1
+  per_layer_input = 4 * 512 * 64 * 4
+  assert c2[8, 16] - c2[2, 16] < c1[8] - c1[2]
+  assert (c2[8, 16] - c2[2, 16]) / 6 < 2.5 * per_layer_input
 
 
 def _xcit_loss_and_grads(model, variables, images):
@@ -161,3 +170,4 @@ def test_xcit_remat_shrinks_temp_memory():
     return grad.lower(v, images).compile().memory_analysis().temp_size_in_bytes
 
   assert temp("C1") < 0.6 * temp("C0")
+  assert temp("C2") < temp("C1")

@@ -7,7 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from linformer_jax._validate import check_choice, check_int, check_rate
+from linformer_jax._validate import check_bool, check_choice, check_int, check_rate
+from linformer_jax.remat import REMAT_POLICIES, checkpoint_policy
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact (erf) GELU, as torch's F.gelu
@@ -15,14 +16,30 @@ ACTIVATIONS = {
 }
 
 
+def sequence_chunks(n: int, dim: int, dim_ff: int) -> int:
+  """How many chunks the feed-forward splits a length-n sequence into at level C2.
+
+  The largest divisor of n that is <= dim_ff // dim (the width ratio, 4 in the usual FF): one chunk's hidden
+  activations (n/chunks × dim_ff) are then no bigger than the sub-layer's input (n × dim).
+  """
+  ratio = max(1, dim_ff // dim)
+  return max(c for c in range(1, min(ratio, n) + 1) if n % c == 0)
+
+
 class FeedForward(nn.Module):
   """Attributes: dim_ff hidden width; activation "gelu" | "relu"; dropout rate on both dropouts.
 
-  Call: ``(x, deterministic=True)`` with x (..., dim); returns (..., dim).
+  remat_chunks (level C2): run over the sequence axis (-2) in ``sequence_chunks`` pieces, each under
+  ``jax.checkpoint`` with ``remat_policy``, so only one chunk's (n/chunks × dim_ff) hidden activations are
+  live in the backward pass. Same parameters and (without dropout) the same values as unchunked.
+
+  Call: ``(x, deterministic=True)`` with x (..., n, dim); returns (..., n, dim).
   """
   dim_ff: int
   activation: str = "gelu"
   dropout: float = 0.0
+  remat_chunks: bool = False
+  remat_policy: str = "nothing_saveable"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -30,11 +47,30 @@ class FeedForward(nn.Module):
     check_int("dim_ff", self.dim_ff, minimum=1)
     check_choice("activation", self.activation, tuple(ACTIVATIONS))
     check_rate("dropout", self.dropout)
+    check_bool("remat_chunks", self.remat_chunks)
+    check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
     super().__post_init__()
+
+  def _ff(self, block, x, deterministic):
+    """The network on x (..., dim), its submodules created on ``block`` (self, or self inside a lifted
+    transform) with explicit names, so the parameter tree is the same with and without chunks."""
+    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+                                     parent=block)
+    drop = lambda y: nn.Dropout(self.dropout, parent=block)(y, deterministic=deterministic)
+    h = drop(ACTIVATIONS[self.activation](dense(self.dim_ff, "wi")(x)))
+    return drop(dense(x.shape[-1], "wo")(h))
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
-    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    h = ACTIVATIONS[self.activation](dense(self.dim_ff, "wi")(x))
-    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-    return nn.Dropout(self.dropout)(dense(x.shape[-1], "wo")(h), deterministic=deterministic)
+    if not self.remat_chunks or x.ndim < 2:
+      return self._ff(self, x, deterministic)
+    n, dim = x.shape[-2:]
+    chunks = sequence_chunks(n, dim, self.dim_ff)
+    if chunks == 1:
+      return self._ff(self, x, deterministic)
+    xs = jnp.moveaxis(x.reshape(x.shape[:-2] + (chunks, n // chunks, dim)), -3, 0)  # (chunks, ..., n/c, dim)
+    body = nn.remat(lambda block, carry, xc: (carry, self._ff(block, xc, deterministic)),
+                    policy=checkpoint_policy(self.remat_policy), prevent_cse=False)
+    _, ys = nn.scan(body, variable_broadcast="params", split_rngs={"params": False, "dropout": True},
+                    length=chunks)(self, None, xs)
+    return jnp.moveaxis(ys, 0, -3).reshape(x.shape[:-1] + (ys.shape[-1],))

@@ -27,7 +27,7 @@ from linformer_jax.layers.attention import SHARING, FullSelfAttention, Linformer
 from linformer_jax.layers.embeddings import POS_EMBS, TokenEmbedder
 from linformer_jax.layers.mlp import ACTIVATIONS, FeedForward
 from linformer_jax.layers.projections import CONSTANTS, PROJECTIONS, SeqProjection
-from linformer_jax.remat import REMAT_LEVELS, checkpoint_policy, remat_sublayer, validate_remat
+from linformer_jax.remat import REMAT_LEVELS, remat_layer, remat_sublayer, validate_remat
 
 ATTENTIONS = ("linformer", "full")
 NORMS = ("pre", "post")
@@ -66,15 +66,17 @@ class _Block(nn.Module):
                 param_dtype=self.param_dtype, name=name)
 
   def _feed_forward(self, parent):
-    return FeedForward(self.dim_ff, self.activation, self.dropout, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name="ff", parent=parent)
+    return FeedForward(self.dim_ff, self.activation, self.dropout, remat_chunks=self.remat == "C2",
+                       remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="ff", parent=parent)
 
   def _sublayer(self, x, fn, name, deterministic, *args):
     """The residual sub-layer around ``fn(block, h, *args)`` with its LayerNorm (pre or post).
 
-    At C1/C2 the whole sub-layer (LayerNorm, fn, dropout, residual) is one ``nn.remat`` region, so only its
-    input is kept for the backward pass. Submodules are created inside with ``parent=block`` and explicit
-    names, so the parameter tree is the same at every level.
+    At C1 the whole sub-layer (LayerNorm, fn, dropout, residual) is one ``nn.remat`` region, so only its
+    input is kept for the backward pass (at C2 the region is the whole layer, see ``remat_layer``).
+    Submodules are created inside with ``parent=block`` and explicit names, so the parameter tree is the
+    same at every level.
     """
     def body(block, x, *args):
       ln = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -84,9 +86,7 @@ class _Block(nn.Module):
         return x + drop(fn(block, ln(x), *args))
       return ln(x + drop(fn(block, x, *args)))
 
-    if self.remat != "C0":
-      body = nn.remat(body, policy=checkpoint_policy(self.remat_policy), prevent_cse=not self.scanned)
-    return body(self, x, *args)
+    return remat_sublayer(body, self.remat, self.remat_policy, scanned=self.scanned)(self, x, *args)
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
@@ -142,8 +142,9 @@ class LinformerFields(nn.Module):
     dropout: dropout on sub-layer outputs and inside the feed-forward.
     attention_dropout: dropout on the attention weights.
     causal: only with attention="full" (a Linformer cannot be causal, see ``CAUSAL_ERROR``).
-    remat: checkpoint level "C0" (none) | "C1" (each sub-layer rematerialised) | "C2" (C1 + the attention
-      core one head at a time); see ``linformer_jax.remat``. The parameter tree does not depend on it.
+    remat: checkpoint level "C0" (none) | "C1" (each sub-layer rematerialised) | "C2" (each layer
+      rematerialised, with the attention core one head at a time and the feed-forward in sequence chunks
+      inside); see ``linformer_jax.remat``. The parameter tree does not depend on it.
     remat_policy: what rematerialised regions keep: one of ``linformer_jax.remat.REMAT_POLICIES``.
     scan_layers: run the identical layers with ``nn.scan`` (params stacked on a leading depth axis under
       ``layers``): compile time roughly independent of depth. Needs identical layers, so not with
@@ -271,13 +272,15 @@ class Linformer(LinformerFields):
     if shared is not None and self.remat != "C0":
       _create_shared_variables(shared, self.max_len, self.num_heads, self.head_dim or self.dim // self.num_heads)
     if self.scan_layers:
-      scan = nn.scan(_ScannedBlock, variable_axes={"params": 0, CONSTANTS: 0},
+      block = remat_layer(_ScannedBlock, self.remat, self.remat_policy, static_argnums=(3,), scanned=True)
+      scan = nn.scan(block, variable_axes={"params": 0, CONSTANTS: 0},
                      split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast, nn.broadcast),
                      length=self.depth)
       x, _ = scan(**self._layer_fields(self.k, None, scanned=True), name="layers")(x, mask, deterministic)
     else:
       for i, k_i in enumerate(self.k_per_layer()):
-        x = _Block(**self._layer_fields(k_i, shared), name=f"layer_{i}")(x, mask, deterministic)
+        block = remat_layer(_Block, self.remat, self.remat_policy, static_argnums=(3,))
+        x = block(**self._layer_fields(k_i, shared), name=f"layer_{i}")(x, mask, deterministic)
     if self.norm == "pre":
       x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                        name="ln_final")(x)
@@ -431,8 +434,9 @@ class LinformerEncDec(LinformerFields, kw_only=True):
                                      **kw) if self.sharing == "layerwise" else None)
     heads = dict(num_heads=self.num_heads, head_dim=self.head_dim,
                  w_o_intermediate_dim=self.w_o_intermediate_dim, attention_dropout=self.attention_dropout)
+    decoder_block = remat_layer(_DecoderBlock, self.remat, self.remat_policy, static_argnums=(5,))
     self.decoder_layers = [
-        _DecoderBlock(attention_kwargs=heads, cross_attention_kwargs=dict(
+        decoder_block(attention_kwargs=heads, cross_attention_kwargs=dict(
             heads, max_len=self.max_len, k=max(1, self.k - i * self.k_reduce_by_layer), sharing=self.sharing,
             projection=self.projection, projection_bias=self.projection_bias),
                       shared_projection=self.decoder_EF, dim_ff=self.dim_ff or 4 * self.dim,

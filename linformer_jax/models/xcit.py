@@ -26,7 +26,7 @@ from linformer_jax.layers.attention import FullSelfAttention
 from linformer_jax.layers.drop_path import DropPath
 from linformer_jax.layers.mlp import FeedForward
 from linformer_jax.models.image_classifier import TokenClassifier, check_images
-from linformer_jax.remat import map_heads, remat_sublayer, validate_remat
+from linformer_jax.remat import map_heads, remat_layer, remat_sublayer, validate_remat
 
 LN_EPS = 1e-6  # LayerNorm epsilon everywhere in XCiT
 BN_MOMENTUM = 0.9  # = PyTorch momentum 0.1
@@ -230,7 +230,9 @@ class XCABlock(nn.Module):
     if self.use_lpi:
       lpi = self._remat(LPI, (2, 3))(bn_axis_name=self.bn_axis_name, name="local_mp")
       x = x + drop_path(gamma("gamma3") * lpi(_layer_norm("norm3")(x), grid, train))
-    mlp = self._remat(FeedForward, (2,))(int(c * self.mlp_ratio), "gelu", self.drop_rate, name="mlp")
+    mlp = self._remat(FeedForward, (2,))(int(c * self.mlp_ratio), "gelu", self.drop_rate,
+                                         remat_chunks=self.remat == "C2", remat_policy=self.remat_policy,
+                                         name="mlp")
     return x + drop_path(gamma("gamma2") * mlp(_layer_norm("norm2")(x), det))
 
 
@@ -278,7 +280,9 @@ class ClassAttentionBlock(nn.Module):
     x = x + gamma("gamma1") * jnp.concatenate([cls, xn[:, 1:]], axis=1)
     norm2 = _layer_norm("norm2")
     x = norm2(x) if self.tokens_norm else jnp.concatenate([norm2(x[:, :1]), x[:, 1:]], axis=1)
-    mlp = self._remat(FeedForward, (2,))(int(c * self.mlp_ratio), "gelu", self.drop_rate, name="mlp")
+    mlp = self._remat(FeedForward, (2,))(int(c * self.mlp_ratio), "gelu", self.drop_rate,
+                                         remat_chunks=self.remat == "C2", remat_policy=self.remat_policy,
+                                         name="mlp")
     cls = gamma("gamma2") * mlp(x[:, :1], det)
     return x + jnp.concatenate([cls, x[:, 1:]], axis=1)
 
@@ -299,8 +303,9 @@ class XCiT(TokenClassifier):
     bn_axis_name: mapped axis name for cross-replica BatchNorm statistics in data-parallel training
       (SyncBatchNorm); None = per-device statistics.
     use_pos_embed, use_lpi, attention ("xca" | "self"), normalize_qk, learnable_temperature: ablation switches.
-    remat: "C0" | "C1" (each attention/LPI/MLP sub-layer rematerialised) | "C2" (C1 + attention one head at a
-      time); remat_policy: see ``linformer_jax.remat``. The parameter tree does not depend on them.
+    remat: "C0" | "C1" (each attention/LPI/MLP sub-layer rematerialised) | "C2" (each block rematerialised,
+      attention one head at a time and the MLP in token chunks inside); remat_policy: see
+      ``linformer_jax.remat``. The parameter tree does not depend on them.
     scan_layers: run the XCA blocks with ``nn.scan`` (params and batch stats stacked under ``blocks``).
   Call: ``module.apply(variables, images, train=False)`` with images (batch, H, W, in_chans) float, H and W
   divisible by patch_size. ``train=True`` needs ``mutable=["batch_stats"]`` and a "dropout" rng when
@@ -361,13 +366,16 @@ class XCiT(TokenClassifier):
                  normalize_qk=self.normalize_qk, learnable_temperature=self.learnable_temperature,
                  bn_axis_name=self.bn_axis_name, remat=self.remat, remat_policy=self.remat_policy)
     if self.scan_layers:
-      scan = nn.scan(_ScannedXCABlock, variable_axes={"params": 0, "batch_stats": 0},
+      scan = nn.scan(remat_layer(_ScannedXCABlock, self.remat, self.remat_policy, (2, 3), scanned=True),
+                     variable_axes={"params": 0, "batch_stats": 0},
                      split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast, nn.broadcast),
                      length=self.depth)
       self.blocks = scan(**block, scanned=True)
     else:
-      self.blocks = [XCABlock(**block) for _ in range(self.depth)]
-    self.cls_attn_blocks = [ClassAttentionBlock(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate,
+      self.blocks = [remat_layer(XCABlock, self.remat, self.remat_policy, (2, 3))(**block)
+                     for _ in range(self.depth)]
+    cls_block = remat_layer(ClassAttentionBlock, self.remat, self.remat_policy, (2,))
+    self.cls_attn_blocks = [cls_block(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate,
                                                 self.attn_drop_rate, self.eta, self.tokens_norm, self.remat,
                                                 self.remat_policy)
                             for _ in range(self.cls_attn_layers)]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from linformer_jax.layers import FeedForward, TokenEmbedder, sinusoidal_positions
+from linformer_jax.layers.mlp import sequence_chunks
 from helpers import np_init, rand
 
 ATOL = 1e-5
@@ -26,6 +27,33 @@ def test_feedforward_matches_numpy(activation):
   h = 0.5 * h * (1.0 + np_erf(h / math.sqrt(2.0))) if activation == "gelu" else np.maximum(h, 0.0)
   want = h @ p["wo"]["kernel"] + p["wo"]["bias"]
   np.testing.assert_allclose(ff.apply(variables, x), want, atol=ATOL)
+
+
+@pytest.mark.parametrize("n,dim,dim_ff,chunks", [(12, 8, 32, 4), (9, 8, 32, 3), (7, 8, 32, 1), (12, 8, 16, 2),
+                                                 (12, 8, 4, 1)])
+def test_sequence_chunks(n, dim, dim_ff, chunks):
+  """Largest divisor of n that is <= dim_ff // dim."""
+  assert sequence_chunks(n, dim, dim_ff) == chunks
+
+
+@pytest.mark.parametrize("n", [12, 9])
+def test_feedforward_remat_chunks_match_plain_math(n):
+  """Level C2's chunked feed-forward: same parameters, values and gradients as the plain formula."""
+  x = rand(1, (2, n, 8), 2.0)
+  ff = FeedForward(dim_ff=32, remat_chunks=True)
+  variables = ff.init(jax.random.key(0), x)
+  assert jax.tree.structure(variables) == jax.tree.structure(FeedForward(dim_ff=32).init(jax.random.key(0), x))
+
+  def plain(params, x):
+    h = jax.nn.gelu(x @ params["wi"]["kernel"] + params["wi"]["bias"], approximate=False)
+    return h @ params["wo"]["kernel"] + params["wo"]["bias"]
+
+  loss = lambda f: lambda p: jnp.sum(jnp.sin(f(p, x)))
+  want, want_g = jax.value_and_grad(loss(plain))(variables["params"])
+  got, got_g = jax.value_and_grad(loss(lambda p, x: ff.apply({"params": p}, x)))(variables["params"])
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(a, b, atol=1e-4)
 
 
 def test_feedforward_gelu_is_exact_not_tanh():
