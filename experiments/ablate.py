@@ -317,6 +317,10 @@ def run_one(sweep: Sweep, arm: str, overrides: dict, seed: int, out: pathlib.Pat
     final = train_lib.train_and_evaluate(config, workdir)
   except FloatingPointError as e:  # recorded, not fatal: instability is a result of some ablations
     status, error = "diverged", str(e)
+  if final.get("preempted"):  # SIGTERM/SIGINT: the trainer wrote a checkpoint; the run is not finished
+    raise SweepStopped(f"[{sweep.name}] {arm} seed {seed}: stopped by {final['signal']} after step "
+                       f"{final['step']} (checkpoint written in {workdir}); run the same command again to "
+                       "continue.")
   wall = time.perf_counter() - t0 + previous_wall
   metrics = read_metrics(workdir)
   row = {"sweep": sweep.name, "arm": arm, "seed": seed, "overrides": {**overrides, **(extra or {})},
@@ -523,6 +527,10 @@ def _parse_value(text: str):
     return text
 
 
+class SweepStopped(Exception):
+  """A run was stopped by SIGTERM/SIGINT: no marker, no outputs; rerunning the command continues it."""
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -549,8 +557,12 @@ def main(argv=None) -> dict:
     extra["total_steps"] = args.total_steps
   seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
   arms = args.arms.split(",") if args.arms else None
-  return run_sweep(args.sweep, args.out, args.quick, seeds, arms, extra,
-                   log=lambda msg: print(msg, file=sys.stderr, flush=True))
+  try:
+    return run_sweep(args.sweep, args.out, args.quick, seeds, arms, extra,
+                     log=lambda msg: print(msg, file=sys.stderr, flush=True))
+  except SweepStopped as e:  # a requested stop, not an error: exit 0 like experiments.train
+    print(e, file=sys.stderr, flush=True)
+    raise SystemExit(0) from None
 
 
 if __name__ == "__main__":

@@ -52,6 +52,22 @@ def test_quick_sweep_runs_and_writes_outputs(tmp_path, name, arms):
     assert [r["final"] for r in again["rows"]] == [r["final"] for r in result["rows"]]
 
 
+def test_signal_stopped_run_is_not_marked_finished(tmp_path, monkeypatch, capsys):
+  """SIGTERM during a run: the trainer checkpoints and returns; the sweep must stop without a marker (not
+  evaluate and record the half-trained run), and the same command then continues the run to the end."""
+  argv = ["--sweep", "linformer_k", "--out", str(tmp_path), "--quick", "--arms", "k8"]
+  monkeypatch.setenv("LINFORMER_JAX_FAULT", "TERM@1")
+  with pytest.raises(SystemExit) as stopped:
+    ablate.main(argv)
+  assert stopped.value.code == 0 and "stopped by SIGTERM after step 1" in capsys.readouterr().err
+  workdir = tmp_path / "linformer_k" / "k8_seed0"
+  assert not (workdir / ablate.RUN_MARKER).exists() and not (tmp_path / "linformer_k.json").exists()
+  assert (workdir / "checkpoints" / "1").is_dir()
+  monkeypatch.delenv("LINFORMER_JAX_FAULT")
+  result = ablate.main(argv)
+  assert result["rows"][0]["steps"] == 2 and (workdir / ablate.RUN_MARKER).exists()
+
+
 def fake_train_and_evaluate(config, workdir):
   """Stands in for the trainer (same files and return value); checks the model and optimizer build."""
   from linformer_jax.metrics import MetricWriter
