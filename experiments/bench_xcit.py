@@ -15,7 +15,11 @@ the same run: ours in this process (timed before and after timm's run; the mean)
 ``--torch-python`` (a Python with torch and
 timm; default: this interpreter if it has torch, otherwise the section is skipped with a message). Memory:
 peak-RSS rise of the first forward on both sides (and XLA temp + argument bytes for ours).
-``--sections timm`` runs only the timm comparison. Rows: section, model, res, tokens, time_s, mem_bytes, ...
+``--sections timm`` runs only the timm comparison.
+
+FLOPs (section "flops", not in the default set; also a ``flops`` column of the scaling rows): XLA's
+``cost_analysis()`` FLOPs of each forward, compile only. xcit_over_vit_flops is the time ratio XCiT would reach
+against its ViT if both ran at the same FLOP/s. Rows: section, model, res, tokens, time_s, mem_bytes, ...
 Writes DIR/xcit.{json,md,png}.
 """
 from __future__ import annotations
@@ -38,7 +42,7 @@ SWEEPS = {  # models, resolutions, timm resolutions, model overrides
     "tiny": (("N12", "DeiT-Ti"), (32,), (), dict(depth=1)),  # test mode: one block each
 }
 COLUMNS = ["section", "model", "res", "tokens", "time_s", "time_vs_224", "mem_bytes", "mem_vs_224",
-           "xcit_over_vit_time", "xcit_over_vit_mem", "timm_time_s", "ours_over_timm_time", "rss_rise_bytes",
+           "xcit_over_vit_time", "xcit_over_vit_mem", "flops", "xcit_over_vit_flops", "timm_time_s", "ours_over_timm_time", "rss_rise_bytes",
            "timm_rss_rise_bytes", "compile_s"]
 
 
@@ -59,7 +63,8 @@ def scaling(models, resolutions, repeats, overrides):
     for short in models:
       compiled, args, seconds, memory = compile_model(MODELS[short], res, **overrides)
       info[short] = dict(compile_s=round(seconds, 3), mem_bytes=memory["temp_bytes"] + memory["argument_bytes"],
-                         temp_bytes=memory["temp_bytes"], rss_rise_bytes=first_run_rss_rise(compiled, *args))
+                         temp_bytes=memory["temp_bytes"], flops=_flops(compiled),
+                         rss_rise_bytes=first_run_rss_rise(compiled, *args))
       fns[short] = blocking(compiled, *args)
     times = interleaved_median_times(fns, repeats=repeats)
     for short in models:
@@ -73,13 +78,38 @@ def scaling(models, resolutions, repeats, overrides):
   for r in rows:
     r["time_vs_224"] = round(r["time_s"] / by[(r["model"], first)]["time_s"], 2)
     r["mem_vs_224"] = round(r["mem_bytes"] / by[(r["model"], first)]["mem_bytes"], 2)
+  return _against_partner(rows, ("time", "time_s"), ("mem", "mem_bytes"), ("flops", "flops"))
+
+
+def _flops(compiled) -> float:
+  """XLA's FLOP count of a compiled function (2·M·N·K per matmul plus elementwise ops)."""
+  return float(compiled.cost_analysis().get("flops", 0.0))
+
+
+def _against_partner(rows, *quantities):
+  """Adds xcit_over_vit_<name> = row[key] / the same of the ViT of equal width at the same resolution."""
+  by = {(r["model"], r["res"]): r for r in rows}
   for r in rows:
     vit = PARTNER.get(r["model"])
     if (vit, r["res"]) in by:
       r["compared_with"] = vit
-      r["xcit_over_vit_time"] = round(r["time_s"] / by[(vit, r["res"])]["time_s"], 3)
-      r["xcit_over_vit_mem"] = round(r["mem_bytes"] / by[(vit, r["res"])]["mem_bytes"], 3)
+      for name, key in quantities:
+        r[f"xcit_over_vit_{name}"] = round(r[key] / by[(vit, r["res"])][key], 3)
   return rows
+
+
+def flop_counts(models, resolutions, overrides):
+  """Compile-only: XLA FLOPs of each forward pass. The FLOP ratio bounds the time ratio XCiT/ViT can reach
+  at equal efficiency (no timing, so this section takes about a minute)."""
+  rows = []
+  for res in resolutions:
+    for short in models:
+      compiled, _, seconds, memory = compile_model(MODELS[short], res, **overrides)
+      rows.append(dict(section="flops", model=short, name=MODELS[short], res=res, tokens=(res // 16) ** 2,
+                       flops=_flops(compiled), mem_bytes=memory["temp_bytes"] + memory["argument_bytes"],
+                       compile_s=round(seconds, 3)))
+      print(f"{res:>5}² {short:<8} {rows[-1]['flops'] / 1e9:9.2f} GFLOP", flush=True)
+  return _against_partner(rows, ("flops", "flops"), ("mem", "mem_bytes"))
 
 
 def versus_timm(resolutions, repeats, torch_python):
@@ -113,6 +143,8 @@ def versus_timm(resolutions, repeats, torch_python):
 def run(mode: str, repeats: int, torch_python, sections=("scaling", "timm")):
   models, resolutions, timm_res, overrides = SWEEPS[mode]
   rows = scaling(models, resolutions, repeats, overrides) if "scaling" in sections else []
+  if "flops" in sections:
+    rows += flop_counts(models, resolutions, overrides)
   if timm_res and "timm" in sections:
     ok, why = bench_torch.torch_python_ok(torch_python) if torch_python else (False, "no --torch-python")
     if ok:
@@ -126,6 +158,8 @@ def run(mode: str, repeats: int, torch_python, sections=("scaling", "timm")):
 def plot(rows, path):
   def draw(axes):
     scal = [r for r in rows if r["section"] == "scaling"]
+    if not scal:  # flops-only run: FLOPs instead of time
+      scal = [dict(r, time_s=r["flops"] / 1e3) for r in rows if r["section"] == "flops"]
     for short in dict.fromkeys(r["model"] for r in scal):
       pts = sorted((r["tokens"], r) for r in scal if r["model"] == short)
       style = "-o" if short in ("N12", "T12", "S12") else "--s"
@@ -145,7 +179,8 @@ def main(argv=None):
   p = bench_parser(__doc__)
   p.add_argument("--torch-python", default=None,
                  help="a Python with torch and timm for the timm comparison (default: this one if it has torch)")
-  p.add_argument("--sections", default="scaling,timm", help="comma-separated subset of: scaling, timm")
+  p.add_argument("--sections", default="scaling,timm",
+                 help="comma-separated subset of: scaling, timm, flops (compile-only FLOP counts)")
   args = p.parse_args(argv)
   mode = sweep_mode(args)
   rows = run(mode, max(args.repeats, 5), args.torch_python or bench_torch.default_torch_python(),

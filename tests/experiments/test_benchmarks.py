@@ -103,6 +103,23 @@ def test_xcit(tmp_path):
   assert all(r["xcit_over_vit_time"] > 0 for r in scaling if r["model"] == "N12")
 
 
+def test_xcit_flops_section(tmp_path):
+  """Compile-only FLOP counts: each ViT forward does at least 2·tokens·(its Dense kernel sizes) FLOPs."""
+  from experiments import bench_xcit
+  from linformer_jax.models import create_model
+  bench_xcit.main(["--out", str(tmp_path), "--tiny", "--sections", "flops"])
+  rows = json.loads((tmp_path / "xcit.json").read_text())
+  assert {r["section"] for r in rows} == {"flops"} and {r["model"] for r in rows} == {"N12", "DeiT-Ti"}
+  deit = next(r for r in rows if r["model"] == "DeiT-Ti")
+  model = create_model(bench_xcit.MODELS["DeiT-Ti"], depth=1)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), "float32"))
+  kernels = sum(int(np.prod(leaf.shape)) for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)
+                if "kernel" in jax.tree_util.keystr(path) and len(leaf.shape) == 2)
+  assert deit["flops"] >= 2 * deit["tokens"] * kernels
+  n12 = next(r for r in rows if r["model"] == "N12")
+  assert n12["xcit_over_vit_flops"] == pytest.approx(n12["flops"] / deit["flops"], rel=1e-3)
+
+
 def test_vs_pytorch(tmp_path):
   rows = run_bench("vs_pytorch", tmp_path)  # the PyTorch side only where this Python has torch
   assert {(r["model"], r["mode"]) for r in rows} == {(m, d) for m in ("linformer", "transformer")
