@@ -23,6 +23,7 @@ import numpy as np
 
 from linformer_jax._validate import check_choice, check_int, check_rate
 from linformer_jax.layers.attention import FullSelfAttention
+from linformer_jax.layers.conv import DepthwiseConv2D
 from linformer_jax.layers.drop_path import DropPath
 from linformer_jax.layers.mlp import FeedForward
 from linformer_jax.models.image_classifier import TokenClassifier, check_images
@@ -118,9 +119,7 @@ class LPI(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, grid: tuple[int, int], train: bool = False) -> jax.Array:
     b, n, c = x.shape
-    pad = self.kernel_size // 2
-    conv = lambda name: nn.Conv(c, (self.kernel_size, self.kernel_size), padding=((pad, pad), (pad, pad)),
-                                feature_group_count=c, name=name)
+    conv = lambda name: DepthwiseConv2D((self.kernel_size, self.kernel_size), name=name)
     y = conv("conv1")(x.reshape(b, *grid, c))
     y = _batch_norm(train, self.bn_axis_name, "bn")(exact_gelu(y))
     return conv("conv2")(y).reshape(b, n, c)
