@@ -422,6 +422,7 @@ def write_markdown(sweep: Sweep, rows: list, summary: list, path: pathlib.Path, 
            f" + `{json.dumps(sweep.quick_base if quick else sweep.base)}`.", "",
            f"Machine: {machine['cpu']}, {machine['cores']} cores, backend {machine['backend']}, jax {machine['jax']}.",
            "", f"**Paper claim.** {sweep.claim}", "", f"**Shrunk.** {sweep.shrunk}", "",
+           *_overridden_note(sweep, rows, extra, quick),
            f"Headline metric: final `{sweep.metric}` (mean ± population std over seeds when there are several)"
            + (f"; trivial baseline ({base_name}): {baseline * (100 if pct else 1):.2f}" if baseline else "") + ".",
            "", markdown_table(table, list(table[0])) if table else "(no runs)", ""]
@@ -529,6 +530,19 @@ def _parse_value(text: str):
 
 class SweepStopped(Exception):
   """A run was stopped by SIGTERM/SIGINT: no marker, no outputs; rerunning the command continues it."""
+
+
+def _overridden_note(sweep: Sweep, rows, extra, quick: bool) -> list:
+  """A line saying where this run departs from the sweep's own settings (the "Shrunk" text describes those)."""
+  seeds = sorted({r["seed"] for r in rows})
+  arms = list(dict.fromkeys(r["arm"] for r in rows))
+  own_arms = [a for a, _ in (sweep.quick_arms if quick else sweep.arms)]
+  parts = [f"{k}={json.dumps(v)}" for k, v in (extra or {}).items()]
+  if not quick and seeds != sorted(sweep.seeds):
+    parts.append(f"seeds {', '.join(map(str, seeds))}")
+  if arms != own_arms:
+    parts.append(f"arms {', '.join(arms)} only")
+  return [f"**This run differs from that:** {'; '.join(parts)}.", ""] if parts else []
 
 
 def main(argv=None) -> dict:
