@@ -55,6 +55,15 @@ class Sweep:
   test_split: bool = False
   reference: Optional[str] = None  # arm the others are compared with (metric ratio column)
 
+  def base_for(self, quick: bool) -> dict:
+    return self.quick_base if quick else self.base
+
+  def arms_for(self, quick: bool) -> tuple:
+    return self.quick_arms if quick else self.arms
+
+  def seeds_for(self, quick: bool) -> tuple:
+    return (self.seeds[0],) if quick else self.seeds
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # The sweeps. Byte-level MLM base: n=512, a 2-layer dim-64 Linformer, Adafactor (the main job's settings).
@@ -201,7 +210,7 @@ def set_dotted(config, key: str, value) -> None:
 def base_config(sweep: Sweep, quick: bool):
   module, _, arg = sweep.config.partition(":")
   config = importlib.import_module(f"configs.{module}").get_config("runlocal" if quick else (arg or None))
-  for key, value in (sweep.quick_base if quick else sweep.base).items():
+  for key, value in sweep.base_for(quick).items():
     set_dotted(config, key, value)
   return config
 
@@ -218,7 +227,7 @@ def run_key(sweep: Sweep, overrides: dict, seed: int, quick: bool, extra: Option
   """Identity of a run: its base config, the sweep's and the arm's overrides, extra overrides and seed (not the
   whole resolved config, so that a new default field elsewhere does not invalidate finished runs)."""
   drop = lambda d: {k: v for k, v in (d or {}).items() if k != "total_steps"}  # a run can be extended
-  spec = {"config": sweep.config, "quick": quick, "base": drop(sweep.quick_base if quick else sweep.base),
+  spec = {"config": sweep.config, "quick": quick, "base": drop(sweep.base_for(quick)),
           "arm": drop(overrides), "extra": drop(extra), "seed": seed}
   return hashlib.sha256(json.dumps(spec, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 
@@ -419,7 +428,7 @@ def write_markdown(sweep: Sweep, rows: list, summary: list, path: pathlib.Path, 
            + "".join(f" --total_steps {v}" if k == "total_steps" else f" --set {k}={json.dumps(v)}"
                      for k, v in (extra or {}).items()) + "`; "
            f"base config `configs/{module}.py{':' + arg if arg else ''}`"
-           f" + `{json.dumps(sweep.quick_base if quick else sweep.base)}`.", "",
+           f" + `{json.dumps(sweep.base_for(quick))}`.", "",
            f"Machine: {machine['cpu']}, {machine['cores']} cores, backend {machine['backend']}, jax {machine['jax']}.",
            "", f"**Paper claim.** {sweep.claim}", "", f"**Shrunk.** {sweep.shrunk}", "",
            *_overridden_note(sweep, rows, extra, quick),
@@ -483,13 +492,13 @@ def run_sweep(name: str, out: str | os.PathLike, quick: bool = False, seeds: Opt
   if name not in SWEEPS:
     raise ValueError(f"unknown sweep {name!r}; allowed: {', '.join(SWEEPS)}.")
   sweep = SWEEPS[name]
-  arm_list = sweep.quick_arms if quick else sweep.arms
+  arm_list = sweep.arms_for(quick)
   if arms:
     unknown = set(arms) - {a for a, _ in arm_list}
     if unknown:
       raise ValueError(f"unknown arm(s) {sorted(unknown)} of sweep {name!r}; allowed: {[a for a, _ in arm_list]}.")
     arm_list = tuple((a, o) for a, o in arm_list if a in arms)
-  seed_list = tuple(seeds) if seeds else ((sweep.seeds[0],) if quick else sweep.seeds)
+  seed_list = tuple(seeds) if seeds else sweep.seeds_for(quick)
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   rows = [run_one(sweep, arm, overrides, seed, out, quick, extra, log)
@@ -498,7 +507,7 @@ def run_sweep(name: str, out: str | os.PathLike, quick: bool = False, seeds: Opt
   machine = machine_info()
   paths = {ext: out / f"{name}.{ext}" for ext in ("json", "md", "png")}
   doc = {"sweep": name, "quick": quick, "metric": sweep.metric, "claim": sweep.claim, "shrunk": sweep.shrunk,
-         "base_config": sweep.config, "base_overrides": sweep.quick_base if quick else sweep.base,
+         "base_config": sweep.config, "base_overrides": sweep.base_for(quick),
          "extra_overrides": extra or {}, "seeds": list(seed_list), "machine": machine, "summary": summary,
          "rows": [{k: v for k, v in r.items() if k != "skipped"} for r in rows]}
   paths["json"].write_text(json.dumps(_plain(doc), indent=1, allow_nan=False))
@@ -536,7 +545,7 @@ def _overridden_note(sweep: Sweep, rows, extra, quick: bool) -> list:
   """A line saying where this run departs from the sweep's own settings (the "Shrunk" text describes those)."""
   seeds = sorted({r["seed"] for r in rows})
   arms = list(dict.fromkeys(r["arm"] for r in rows))
-  own_arms = [a for a, _ in (sweep.quick_arms if quick else sweep.arms)]
+  own_arms = [a for a, _ in sweep.arms_for(quick)]
   parts = [f"{k}={json.dumps(v)}" for k, v in (extra or {}).items()]
   if not quick and seeds != sorted(sweep.seeds):
     parts.append(f"seeds {', '.join(map(str, seeds))}")

@@ -278,8 +278,8 @@ class Linformer(LinformerFields):
                      length=self.depth)
       x, _ = scan(**self._layer_fields(self.k, None, scanned=True), name="layers")(x, mask, deterministic)
     else:
+      block = remat_layer(_Block, self.remat, self.remat_policy, static_argnums=(3,))
       for i, k_i in enumerate(self.k_per_layer()):
-        block = remat_layer(_Block, self.remat, self.remat_policy, static_argnums=(3,))
         x = block(**self._layer_fields(k_i, shared), name=f"layer_{i}")(x, mask, deterministic)
     if self.norm == "pre":
       x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,

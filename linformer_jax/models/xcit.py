@@ -279,9 +279,7 @@ class ClassAttentionBlock(nn.Module):
     x = x + gamma("gamma1") * jnp.concatenate([cls, xn[:, 1:]], axis=1)
     norm2 = _layer_norm("norm2")
     x = norm2(x) if self.tokens_norm else jnp.concatenate([norm2(x[:, :1]), x[:, 1:]], axis=1)
-    mlp = self._remat(FeedForward, (2,))(int(c * self.mlp_ratio), "gelu", self.drop_rate,
-                                         remat_chunks=self.remat == "C2", remat_policy=self.remat_policy,
-                                         name="mlp")
+    mlp = self._remat(FeedForward, (2,))(int(c * self.mlp_ratio), "gelu", self.drop_rate, name="mlp")
     cls = gamma("gamma2") * mlp(x[:, :1], det)
     return x + jnp.concatenate([cls, x[:, 1:]], axis=1)
 

@@ -120,7 +120,7 @@ def test_every_arm_builds_a_valid_config():
   for name, sweep in ablate.SWEEPS.items():
     assert len({a for a, _ in sweep.arms}) == len(sweep.arms) and sweep.seeds
     for quick in (False, True):
-      for arm, overrides in (sweep.quick_arms if quick else sweep.arms):
+      for arm, overrides in sweep.arms_for(quick):
         config = ablate.run_config(sweep, overrides, 3, quick)
         assert config.seed == 3
         make_optimizer(config.optimizer, config.total_steps)  # validates the optimizer arms
