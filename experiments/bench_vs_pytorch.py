@@ -21,7 +21,10 @@ torch ``set_num_threads(usable cores)``; XLA:CPU uses all usable cores (its Eige
 of the first execution on both sides (high-water mark reset via ``/proc/self/clear_refs``), plus XLA temp +
 argument bytes for ours and autograd's saved-for-backward bytes for torch. A JAX run whose XLA memory exceeds
 the budget (``--max-mem-gib``, default 50 % of MemAvailable) is not executed (row note says so).
-Rows: config, model, mode, n, time_ours_s, time_torch_s, ours_over_torch, rss_rise_ours_bytes,
+Floor: ``flops_ours`` (XLA ``cost_analysis``) over the machine's f32 matmul peak (``jnp.dot`` 2048², same cores,
+same run) is ``floor_s``, the time of those FLOPs at peak; ``floor_over_torch`` = floor_s / time_torch_s is the
+smallest ``ours_over_torch`` any implementation of the same model can reach on this machine.
+Rows: config, model, mode, n, time_ours_s, time_torch_s, ours_over_torch, floor_over_torch, rss_rise_ours_bytes,
 rss_rise_torch_bytes, mem_ours_xla_bytes, torch_saved_bytes, ... Writes DIR/vs_pytorch.{json,md,png}.
 """
 from __future__ import annotations
@@ -47,7 +50,8 @@ CONFIGS = {  # mode → [(config name, geometry, ns)]
     "quick": [("reference", REFERENCE, (1024, 4096))],
     "tiny": [("tiny", dict(dim=32, heads=2, depth=1, ff=64, k=32, batch=1), (128,))],
 }
-COLUMNS = ["config", "model", "mode", "n", "time_ours_s", "time_torch_s", "ours_over_torch", "rss_rise_ours_bytes",
+COLUMNS = ["config", "model", "mode", "n", "time_ours_s", "time_torch_s", "ours_over_torch", "floor_over_torch",
+           "rss_rise_ours_bytes",
            "rss_rise_torch_bytes", "mem_ours_xla_bytes", "torch_saved_bytes", "max_abs_diff", "note"]
 
 
@@ -78,7 +82,8 @@ def measure_ours(model, variables, x, repeats, budget):
   for mode, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
     compiled, seconds, memory = compile_fn(fn, variables, x)
     mem = memory["temp_bytes"] + memory["argument_bytes"]
-    res[mode] = dict(mem_ours_xla_bytes=mem, compile_s=round(seconds, 3))
+    res[mode] = dict(mem_ours_xla_bytes=mem, compile_s=round(seconds, 3),
+                     flops_ours=float(compiled.cost_analysis().get("flops", 0.0)))
     if mem > budget:
       res[mode]["note"] = f"ours not run: XLA memory {mem / 2**30:.1f} GiB > budget {budget / 2**30:.1f} GiB"
       continue
@@ -89,7 +94,14 @@ def measure_ours(model, variables, x, repeats, budget):
   return res
 
 
-def run_config(name, g, n, repeats, torch_python, budget, threads, tmp):
+def matmul_peak_flops(repeats, n=2048):
+  """FLOP/s of a large f32 ``jnp.dot`` on this machine (all usable cores): the roofline for the floor column."""
+  a = random_like(jax.ShapeDtypeStruct((n, n), jnp.float32), seed=2, scale=1.0)
+  compiled, _, _ = compile_fn(jnp.dot, a, a)
+  return 2 * n ** 3 / interleaved_median_times({"dot": blocking(compiled, a, a)}, repeats=repeats)["dot"]
+
+
+def run_config(name, g, n, repeats, torch_python, budget, threads, tmp, peak):
   rows = []
   shape = (g["batch"], n, g["dim"])
   for kind in ("linformer", "transformer"):
@@ -128,11 +140,16 @@ def run_config(name, g, n, repeats, torch_python, budget, threads, tmp):
       row["note"] = "; ".join(s for s in (note, row.get("note", "")) if s)
       if row.get("time_ours_s") and row.get("time_torch_s"):
         row["ours_over_torch"] = round(row["time_ours_s"] / row["time_torch_s"], 3)
+      row["peak_gflops_per_s"] = round(peak / 1e9, 3)
+      row["floor_s"] = row["flops_ours"] / peak  # the model's FLOPs at matmul peak: no implementation is faster
+      if row.get("time_torch_s"):
+        row["floor_over_torch"] = round(row["floor_s"] / row["time_torch_s"], 3)
       rows.append(row)
       t = lambda v: "   –    " if v is None else f"{v * 1e3:8.1f}"
       mib = lambda v: "  – " if v is None else f"{v / 2**20:6.1f}"
       print(f"{name:>9} {kind:<11} {mode:<6} n {n:>5}: ours {t(row.get('time_ours_s'))} ms  torch "
-            f"{t(row['time_torch_s'])} ms  ratio {row.get('ours_over_torch')}  RSS rise ours "
+            f"{t(row['time_torch_s'])} ms  ratio {row.get('ours_over_torch')} (floor "
+            f"{row.get('floor_over_torch')})  RSS rise ours "
             f"{mib(row.get('rss_rise_ours_bytes'))} / torch {mib(row['rss_rise_torch_bytes'])} MiB"
             f"{'  ' + row['note'] if row['note'] else ''}", flush=True)
   return rows
@@ -148,11 +165,13 @@ def run(mode, repeats, torch_python, max_mem_gib=None):
     print("PyTorch side skipped: this Python has no torch and no --torch-python was given")
   threads = host_load()["usable_cores"]
   budget = memory_budget(max_mem_gib, fraction=0.5)
+  peak = matmul_peak_flops(repeats)
+  print(f"matmul peak (f32 jnp.dot 2048², {threads} cores): {peak / 1e9:.1f} GFLOP/s", flush=True)
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for name, g, ns in CONFIGS[mode]:
       for n in ns:
-        rows += run_config(name, g, n, repeats, torch_python, budget, threads, tmp)
+        rows += run_config(name, g, n, repeats, torch_python, budget, threads, tmp, peak)
   return rows
 
 
@@ -183,7 +202,9 @@ def main(argv=None):
   rows = run(mode, max(args.repeats, 5), args.torch_python or bench_torch.default_torch_python(), args.max_mem_gib)
   return finish(args, "vs_pytorch", rows, COLUMNS, "linformer_jax vs linformer-pytorch / nn.TransformerEncoder",
                 "ours_over_torch = time_ours_s / time_torch_s (< 1: ours faster); fwd = eval forward, "
-                "fwdbwd = grad of mean(y²) w.r.t. parameters; RSS rise = peak-RSS rise of the first "
+                "fwdbwd = grad of mean(y²) w.r.t. parameters; floor_over_torch = (XLA-counted FLOPs of ours / "
+                "measured f32 matmul peak) / time_torch_s, the smallest ours_over_torch those FLOPs allow on "
+                "this machine; RSS rise = peak-RSS rise of the first "
                 "execution; max_abs_diff = |ours − PyTorch| eval output on the same converted weights.", plot)
 
 

@@ -35,6 +35,31 @@ def _heads_first(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, 1, 2)
 
 
+@jax.custom_vjp
+def softmax_last(logits: jax.Array) -> jax.Array:
+  """``jax.nn.softmax(logits, axis=-1)`` with the backward pass written out: x̄ = p ⊙ (ḡ − Σ_s ḡ ⊙ p).
+
+  Same values and gradients as ``jax.nn.softmax``. The row sum Σ_s ḡ ⊙ p is a contraction (einsum) here:
+  XLA:CPU fuses the reduction that autodiff of ``jax.nn.softmax`` produces into its elementwise consumer and
+  recomputes it for every element of the row, which made the softmax backward the slowest step of attention
+  on CPU (docs/benchmarks.md §2).
+  """
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def _softmax_last_fwd(logits):
+  p = jax.nn.softmax(logits, axis=-1)
+  return p, p
+
+
+def _softmax_last_bwd(p, g):
+  row = jnp.einsum("...s,...s->...", g, p)[..., None]
+  return (p * (g - row),)
+
+
+softmax_last.defvjp(_softmax_last_fwd, _softmax_last_bwd)
+
+
 def attention_weights(q: jax.Array, k: jax.Array, *, key_mask: Optional[jax.Array] = None,
                       is_causal: bool = False) -> jax.Array:
   """softmax(q kᵀ / sqrt(d)) over keys: q (batch, t, heads, d), k (batch, s, heads, d) → (batch, heads, t, s).
@@ -50,7 +75,7 @@ def attention_weights(q: jax.Array, k: jax.Array, *, key_mask: Optional[jax.Arra
   if is_causal:
     t, s = logits.shape[-2:]
     logits = jnp.where(jnp.tril(jnp.ones((t, s), bool)), logits, big_neg)
-  return jax.nn.softmax(logits, axis=-1)
+  return softmax_last(logits)
 
 
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: Optional[jax.Array] = None,

@@ -126,6 +126,12 @@ def test_vs_pytorch(tmp_path):
                                                      for d in ("fwd", "fwdbwd")}
   for r in rows:
     assert r["time_ours_s"] > 0 and r["mem_ours_xla_bytes"] > 0
+    # XLA's FLOP count covers at least the dense maps: per token 3·2d² (QKV) + 2d² (W^O) + 2·2·d·ff (FF)
+    d, ff = r["dim"], r["ff"]
+    dense = r["batch"] * r["n"] * r["depth"] * (8 * d * d + 4 * d * ff)
+    assert r["flops_ours"] >= (dense if r["mode"] == "fwd" else 2 * dense)
+    assert r["peak_gflops_per_s"] > 0
+    assert r["floor_s"] == pytest.approx(r["flops_ours"] / (r["peak_gflops_per_s"] * 1e9), rel=1e-2)
     if bench_torch.default_torch_python() is None:
       assert r["time_torch_s"] is None and "skipped" in r["note"]
     else:

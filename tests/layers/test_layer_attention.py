@@ -300,3 +300,45 @@ def test_attention_dropout_matches_numpy_with_reconstructed_keep_mask():
   w = np_softmax(np.einsum("bthd,bshd->bhts", qs, ks) / math.sqrt(3))
   want = np.einsum("bhts,bshd->bthd", np.where(keep, w / (1 - p), 0.0), vs)
   np.testing.assert_allclose(got, want, atol=ATOL)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# softmax_last: the hand-written softmax backward
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(7,), (2, 3, 5, 11)])
+def test_softmax_last_values_and_vjp_match_numpy(shape):
+  """Forward = numpy softmax; VJP = Jᵀḡ with the softmax Jacobian J = diag(p) − p pᵀ built in float64."""
+  from linformer_jax.layers.attention import softmax_last
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=shape).astype(np.float32) * 3
+  g = rng.normal(size=shape).astype(np.float32)
+  p, vjp = jax.vjp(softmax_last, jnp.asarray(x))
+  (xbar,) = vjp(jnp.asarray(g))
+  p64 = np_softmax(x.astype(np.float64))
+  jac = np.einsum("...i,ij->...ij", p64, np.eye(shape[-1])) - p64[..., :, None] * p64[..., None, :]
+  want = np.einsum("...ij,...i->...j", jac, g.astype(np.float64))
+  np.testing.assert_allclose(p, p64, atol=1e-6)
+  np.testing.assert_allclose(xbar, want, atol=1e-6)
+  # masked entries (finfo.min logits, as attention_weights writes them) get zero weight and zero gradient
+  xm = x.copy()
+  xm[..., 0] = np.finfo(np.float32).min
+  pm, vjpm = jax.vjp(softmax_last, jnp.asarray(xm))
+  assert np.all(np.asarray(pm)[..., 0] == 0) and np.all(np.asarray(vjpm(jnp.asarray(g))[0])[..., 0] == 0)
+
+
+def test_full_attention_gradients_match_numpy():
+  """Gradient of Σ w ⊙ softmax(q kᵀ/√d) v w.r.t. q, k, v against float64 numpy (the chain rule by hand)."""
+  from linformer_jax.layers.attention import softmax_attention
+  rng = np.random.default_rng(1)
+  q, k, v = (rng.normal(size=(2, 6, 2, 4)).astype(np.float32) for _ in range(3))
+  w = rng.normal(size=(2, 6, 2, 4)).astype(np.float32)
+  gq, gk, gv = jax.grad(lambda q, k, v: jnp.sum(w * softmax_attention(q, k, v)), argnums=(0, 1, 2))(q, k, v)
+  q64, k64, v64, w64 = (np.swapaxes(a.astype(np.float64), 1, 2) for a in (q, k, v, w))  # (b, h, n, d)
+  s = np.einsum("bhtd,bhsd->bhts", q64, k64) / 2.0
+  p = np_softmax(s)
+  dp = np.einsum("bhtd,bhsd->bhts", w64, v64)
+  ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+  want = [np.einsum("bhts,bhsd->bhtd", ds, k64) / 2.0, np.einsum("bhts,bhtd->bhsd", ds, q64) / 2.0,
+          np.einsum("bhts,bhtd->bhsd", p, w64)]
+  for got, ref in zip((gq, gk, gv), want):
+    np.testing.assert_allclose(got, np.swapaxes(ref, 1, 2), atol=1e-5)
