@@ -281,8 +281,11 @@ def evaluate_split(config, workdir, split: str) -> dict:
     for key in totals:
       totals[key] += float(sums[key])
   w = max(totals["weight"], 1.0)
-  return {f"{split}_loss": totals["loss"] / w, f"{split}_accuracy": totals["correct"] / w,
-          f"{split}_examples": int(totals["weight"]), f"{split}_checkpoint_step": int(step)}
+  out = {f"{split}_loss": totals["loss"] / w, f"{split}_accuracy": totals["correct"] / w,
+         f"{split}_examples": int(totals["weight"]), f"{split}_checkpoint_step": int(step)}
+  if hasattr(dataset, "outer_operator_accuracy"):  # ListOps: the same split's outermost-operator baseline
+    out[f"{split}_baseline_outer_operator_accuracy"] = dataset.outer_operator_accuracy(split)
+  return out
 
 
 def _curve(metrics: list, metric: str) -> list:
@@ -421,8 +424,14 @@ def write_markdown(sweep: Sweep, rows: list, summary: list, path: pathlib.Path, 
     table.append(t)
   module, _, arg = sweep.config.partition(":")
   arg = "runlocal" if quick else arg
-  baseline = next((v for r in rows for k, v in r["final"].items() if k.startswith("baseline_")), None)
-  base_name = "unigram perplexity" if sweep.metric == "eval_perplexity" else "majority-class accuracy"
+  baselines = {}  # baseline_* entries of the first run that has each (the same data for every run)
+  for r in rows:
+    for k, v in r["final"].items():
+      if k.startswith(("baseline_", "test_baseline_")) and v is not None:
+        baselines.setdefault(k, v)
+  base_text = "; ".join(f"{_BASELINE_NAMES.get(k.removeprefix('test_'), k)}"
+                        f"{' (test split)' if k.startswith('test_') else ''} {v * (100 if pct else 1):.2f}"
+                        for k, v in baselines.items())
   lines = [f"# Ablation sweep `{sweep.name}`{' (--quick)' if quick else ''}", "",
            f"Command: `python -m experiments.ablate --sweep {sweep.name} --out DIR{' --quick' if quick else ''}"
            + "".join(f" --total_steps {v}" if k == "total_steps" else f" --set {k}={json.dumps(v)}"
@@ -433,7 +442,7 @@ def write_markdown(sweep: Sweep, rows: list, summary: list, path: pathlib.Path, 
            "", f"**Paper claim.** {sweep.claim}", "", f"**Shrunk.** {sweep.shrunk}", "",
            *_overridden_note(sweep, rows, extra, quick),
            f"Headline metric: final `{sweep.metric}` (mean ± population std over seeds when there are several)"
-           + (f"; trivial baseline ({base_name}): {baseline * (100 if pct else 1):.2f}" if baseline else "") + ".",
+           + (f"; baselines (validation split unless marked): {base_text}" if base_text else "") + ".",
            "", markdown_table(table, list(table[0])) if table else "(no runs)", ""]
   bad = [r for r in rows if r["status"] != "ok"]
   if bad:
@@ -539,6 +548,11 @@ def _parse_value(text: str):
 
 class SweepStopped(Exception):
   """A run was stopped by SIGTERM/SIGINT: no marker, no outputs; rerunning the command continues it."""
+
+
+_BASELINE_NAMES = {"baseline_unigram_perplexity": "unigram perplexity",
+                   "baseline_majority_accuracy": "majority class",
+                   "baseline_outer_operator_accuracy": "outermost-operator lookup table"}
 
 
 def _overridden_note(sweep: Sweep, rows, extra, quick: bool) -> list:

@@ -613,6 +613,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     final["baseline_unigram_perplexity"] = info.get("unigram_perplexity")
   else:
     final["baseline_majority_accuracy"] = info.get("majority_accuracy")
+    if info.get("outer_operator_accuracy") is not None:
+      final["baseline_outer_operator_accuracy"] = info["outer_operator_accuracy"]
   if skip_nonfinite:
     final["nonfinite_skipped"] = skipped_host
   final["step"] = int(jax.device_get(saved_view(state).step))

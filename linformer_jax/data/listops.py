@@ -493,6 +493,7 @@ class ListOpsDataset(Dataset):
         "num_train": len(train),
         "num_eval": len(val),
         "majority_accuracy": float(counts_val.max() / len(val)),
+        "outer_operator_accuracy": self.outer_operator_accuracy("val"),
         "pad_id": PAD_ID,
         "oov_id": OOV_ID,
         "vocab": VOCAB,
@@ -517,6 +518,26 @@ class ListOpsDataset(Dataset):
 
   def _eval_examples(self, indices: np.ndarray, split: str) -> Batch:
     return self._split(split).batch(indices, self.max_len)
+
+  def outer_operator_accuracy(self, split: str = "val") -> float:
+    """Accuracy on `split` of a lookup table: the most frequent training label for each outermost operator.
+
+    A model that has learned only which operator is outermost (``[MAX`` → 9, ``[MIN`` → 0, …) scores this;
+    it depends on the length range (longer trees push MAX/MIN further to 9/0). At LRA's lengths 500–2000 it
+    is ≈ 36 %, which is where LRA's Transformer and Linformer land (docs/ablations.md).
+    """
+    def first_tokens(sp: _Split) -> np.ndarray:  # OOV for an empty example
+      if len(sp.tokens) == 0:
+        return np.full(len(sp), OOV_ID)
+      first = sp.tokens[np.minimum(sp.offsets[:-1], len(sp.tokens) - 1)]
+      return np.where(sp.lengths() > 0, first, OOV_ID)
+
+    train_ops, train_labels = first_tokens(self._train), self._train.labels
+    table = np.full(VOCAB_SIZE, int(np.bincount(train_labels, minlength=NUM_CLASSES).argmax()))
+    for op in np.unique(train_ops):
+      table[op] = int(np.bincount(train_labels[train_ops == op], minlength=NUM_CLASSES).argmax())
+    target = self._split(split)
+    return float(np.mean(table[first_tokens(target)] == target.labels))
 
   def lengths(self, split: str = "train") -> np.ndarray:
     """Token counts (before truncation) of a split ("train", "val", "test"), int64 (N,)."""

@@ -244,3 +244,20 @@ def test_default_generation_speed_smoke():
   lengths = np.array([n_tokens(s) for s in sources])
   assert lengths.min() > 500 and lengths.max() < 2000
   assert all(evaluate(s) == y for s, y in zip(sources[:20], labels[:20]))
+
+
+def test_outer_operator_baseline_hand_counted(tmp_path):
+  """Lookup table: train MAX → {9, 9, 7} → 9, MIN → {0} → 0, SM → {8} → 8; an operator unseen in train (MED)
+  falls back to the train majority (9). Val: MAX 9 ✓, MAX 5 ✗, MIN 0 ✓, MED 9 ✓ (fallback), SM 3 ✗ → 3/5."""
+  rows = {
+      "train": [("( ( ( [MAX 2 ) 9 ) ] )", 9), ("( ( ( [MAX 9 ) 1 ) ] )", 9), ("( ( ( [MAX 7 ) 1 ) ] )", 7),
+                ("( ( ( [MIN 0 ) 4 ) ] )", 0), ("( ( ( ( [SM 5 ) 6 ) 7 ) ] )", 8)],
+      "val": [("( ( ( [MAX 2 ) 9 ) ] )", 9), ("( ( ( [MAX 5 ) 1 ) ] )", 5), ("( ( ( [MIN 0 ) 0 ) ] )", 0),
+              ("( ( ( [MED 9 ) 9 ) ] )", 9), ("( ( ( [SM 1 ) 2 ) ] )", 3)],
+      "test": [("( ( ( [MIN 3 ) 4 ) ] )", 3), ("( ( ( [MAX 3 ) 9 ) ] )", 9)],
+  }
+  d = str(tmp_path / "lra")
+  _write_lra_dir(d, rows)
+  ds = make_dataset({"name": "listops", "path": d, "max_len": 8})
+  assert ds.info["outer_operator_accuracy"] == pytest.approx(3 / 5)
+  assert ds.outer_operator_accuracy("test") == pytest.approx(1 / 2)

@@ -44,6 +44,8 @@ def test_quick_sweep_runs_and_writes_outputs(tmp_path, name, arms):
     final = doc["rows"][0]["final"]
     assert final["test_checkpoint_step"] == 2 and final["test_examples"] == 16
     assert 0.0 <= final["test_accuracy"] <= 1.0 and "test_accuracy_mean" in doc["summary"][0]
+    assert 0.0 <= final["test_baseline_outer_operator_accuracy"] <= 1.0
+    assert "outermost-operator lookup table" in (tmp_path / f"{name}.md").read_text()
   if name == "linformer_k":  # rerun: everything is skipped, outputs rewritten from the markers
     mtime = os.path.getmtime(tmp_path / name / "k8_seed0" / "metrics.jsonl")
     again = ablate.run_sweep(name, tmp_path, quick=True, arms=["k8"], log=lambda m: None)
@@ -101,7 +103,8 @@ def test_seeds_mean_and_std(tmp_path, monkeypatch):
   assert [(r["arm"], r["seed"]) for r in result["rows"]] == [("layerwise", 0), ("layerwise", 1)]
   (summary,) = result["summary"]
   assert summary["seeds"] == [0, 1] and summary["eval_perplexity_std"] == 0.0
-  assert "±" in (tmp_path / "linformer_sharing.md").read_text()
+  md = (tmp_path / "linformer_sharing.md").read_text()
+  assert "±" in md and "unigram perplexity 25.00" in md
 
 
 def test_diverged_run_is_recorded(tmp_path, monkeypatch):
