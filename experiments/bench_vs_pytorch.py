@@ -19,7 +19,7 @@ Modes: ``fwd`` = eval forward (torch ``no_grad``); ``fwdbwd`` = gradient of mean
 (torch ``loss.backward()``). Time: median of >= 5 after warm-up (JAX compile excluded and reported). Threads:
 torch ``set_num_threads(usable cores)``; XLA:CPU uses all usable cores (its Eigen pool). Memory: peak-RSS rise
 of the first execution on both sides (high-water mark reset via ``/proc/self/clear_refs``), plus XLA temp +
-argument bytes for ours and autograd's saved-for-backward bytes for torch. A JAX run whose XLA memory exceeds
+argument bytes for ours (``bench_common.counted_memory``: every buffer counted) and autograd's saved-for-backward bytes for torch. A JAX run whose XLA memory exceeds
 the budget (``--max-mem-gib``, default 50 % of MemAvailable) is not executed (row note says so).
 Floor: ``flops_ours`` (XLA ``cost_analysis``) over the machine's f32 matmul peak (``jnp.dot`` 2048², same cores,
 same run) is ``floor_s``, the time of those FLOPs at peak; ``floor_over_torch`` = floor_s / time_torch_s is the
@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_torch
-from experiments.bench_common import (bench_parser, blocking, compile_fn, finish, first_run_rss_rise, host_load,
-                                      interleaved_median_times, memory_budget, random_like, sweep_mode,
+from experiments.bench_common import (bench_parser, blocking, compile_fn, counted_memory, finish, first_run_rss_rise,
+                                      host_load, interleaved_median_times, memory_budget, random_like, sweep_mode,
                                       write_plot)
 from linformer_jax.convert import from_linformer_pytorch
 from linformer_jax.models import Linformer
@@ -80,7 +80,8 @@ def measure_ours(model, variables, x, repeats, budget):
 
   res, fns = {}, {}
   for mode, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
-    compiled, seconds, memory = compile_fn(fn, variables, x)
+    compiled, seconds, _ = compile_fn(fn, variables, x)
+    memory = counted_memory(fn, variables, x)  # every buffer, also what a YNNPACK fusion keeps to itself
     mem = memory["temp_bytes"] + memory["argument_bytes"]
     res[mode] = dict(mem_ours_xla_bytes=mem, compile_s=round(seconds, 3),
                      flops_ours=float(compiled.cost_analysis().get("flops", 0.0)))

@@ -43,6 +43,19 @@ def test_efficiency(tmp_path):
   assert memory_only and all(r.get("time_full_s") is None and r["mem_saved"] > 1 for r in memory_only)
 
 
+def test_counted_memory_includes_the_attention_scores():
+  """Full attention must hold one head's n × n scores at some point: the counted temp bytes cover at least that
+  (on CPU the fused program's own memory_analysis() may not: YNNPACK fusions keep them outside XLA's count)."""
+  from experiments.bench_common import counted_memory
+  from linformer_jax.models import Linformer
+  n, heads, dim = 2048, 4, 256  # large enough for XLA:CPU to fuse (the fused count is 1/8 of the scores here)
+  model = Linformer(max_len=n, k=n, attention="full", dim=dim, num_heads=heads, dim_ff=512, depth=1)
+  x = jax.ShapeDtypeStruct((1, n, dim), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  mem = counted_memory(model.apply, variables, x)
+  assert mem["temp_bytes"] >= heads * n * n * 4 and mem["argument_bytes"] >= n * dim * 4
+
+
 def _independent_adafactor_floats(shape, min_dim):
   """Second-moment floats: rows + columns of the two largest axes if the second-largest is >= min_dim."""
   dims = sorted(shape)
