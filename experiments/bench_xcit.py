@@ -6,7 +6,8 @@ Scaling (section "scaling"): inference (``train=False``), batch 1, random weight
 (``--quick``: 224² and 512²) for XCiT-N12/16, XCiT-T12/16, XCiT-S12/16 and DeiT-Ti/16, DeiT-S/16 (ViT with full
 attention, position table resized). The pairs of equal width are T12 vs DeiT-Ti (192) and S12 vs DeiT-S (384);
 N12 (128) vs DeiT-Ti is listed too. All models of one resolution are timed in interleaved rounds (median of
->= 5 after a warm-up; compile reported separately). Memory: XLA temp + argument bytes of the jitted forward.
+>= 5 after a warm-up; compile reported separately). Memory: XLA temp + argument bytes of the jitted forward, every buffer counted (``bench_common.counted_memory``: on CPU
+without YNNPACK fusions, which keep ViT's token × token scores outside XLA's count).
 XCiT's attention is d_h × d_h per head (independent of the N tokens), ViT's N × N.
 
 timm (section "timm"): our ``xcit_nano_12_p16_224`` vs ``timm.create_model("xcit_nano_12_p16_224")`` (eager
@@ -29,8 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from experiments import bench_torch
-from experiments.bench_common import (bench_parser, blocking, compile_fn, finish, first_run_rss_rise, host_load,
-                                      interleaved_median_times, random_like, sweep_mode, write_plot)
+from experiments.bench_common import (bench_parser, blocking, compile_fn, counted_memory, finish, first_run_rss_rise,
+                                      host_load, interleaved_median_times, random_like, sweep_mode, write_plot)
 from linformer_jax.models import create_model
 
 MODELS = {"N12": "xcit_nano_12_p16_224", "T12": "xcit_tiny_12_p16_224", "S12": "xcit_small_12_p16_224",
@@ -50,7 +51,8 @@ def compile_model(name: str, res: int, **overrides):
   model = create_model(name, **overrides)
   images = jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32)
   abstract = jax.eval_shape(model.init, jax.random.key(0), images)
-  compiled, seconds, memory = compile_fn(model.apply, abstract, images)
+  compiled, seconds, _ = compile_fn(model.apply, abstract, images)
+  memory = counted_memory(model.apply, abstract, images)  # every buffer, also a YNNPACK fusion's scratch
   variables = random_like(abstract)
   x = random_like(images, seed=1, scale=1.0)
   return compiled, (variables, x), seconds, memory
@@ -187,7 +189,7 @@ def main(argv=None):
              args.sections.split(","))
   return finish(args, "xcit", rows, COLUMNS, "XCiT vs ViT/DeiT, and vs timm",
                 "time_s = median forward time (batch 1, interleaved rounds); mem = XLA temp + argument "
-                "bytes; *_vs_224 relative to the smallest resolution; xcit_over_vit_* against the ViT of "
+                "bytes, every buffer counted (CPU: compiled without YNNPACK fusions for the count); *_vs_224 relative to the smallest resolution; xcit_over_vit_* against the ViT of "
                 "equal width (T12: DeiT-Ti, S12: DeiT-S; N12: DeiT-Ti); timm rows: ours vs timm (eager "
                 "PyTorch) in the same run, same thread count.", plot)
 
