@@ -3,9 +3,11 @@
     python -m experiments.bench_efficiency --out DIR [--quick] [--max-mem-gib G]
 
 Both models are ``linformer_jax.models.Linformer`` with the same block (pre-LN, GELU FF, no dropout); the
-Transformer is ``attention="full"`` (``jax.nn.dot_product_attention``), the Linformer ``sharing="layerwise"``
-(one E=F for the whole network, as in the paper's Table 3). Each n: one full-attention baseline and every k < n,
-timed in interleaved rounds in the same run (median of >= 5 after a warm-up; compile reported separately).
+Transformer is ``attention="full"`` (``softmax_attention``: ``jax.nn.dot_product_attention`` on GPU/TPU, heads-first
+einsums on CPU, which are faster there and keep one n × n array per layer instead of two), the Linformer
+``sharing="layerwise"`` (one E=F for the whole network, as in the paper's Table 3). Each n: one full-attention
+baseline and every k < n, timed in interleaved rounds in the same run (median of >= 5 after a warm-up; compile
+reported separately).
 
 Section "time+memory" (timed): dim 256, 4 heads (head dim 64), FF 1024, depth 2, batch = max(1, 8192 // n)
 sequences (the paper measured at the largest batch that fits; here the batch keeps ~8k tokens per call).

@@ -2,13 +2,13 @@
 
     python -m experiments.bench_xcit --out DIR [--quick] [--torch-python PATH]
 
-Scaling (section "scaling"): inference (``train=False``), batch 1, random weights, images 224² … 1024²
-(``--quick``: 224² and 512²) for XCiT-N12/16, XCiT-T12/16, XCiT-S12/16 and DeiT-Ti/16, DeiT-S/16 (ViT with full
-attention, position table resized). The pairs of equal width are T12 vs DeiT-Ti (192) and S12 vs DeiT-S (384);
-N12 (128) vs DeiT-Ti is listed too. All models of one resolution are timed in interleaved rounds (median of
->= 5 after a warm-up; compile reported separately). Memory: XLA temp + argument bytes of the jitted forward, every buffer counted (``bench_common.counted_memory``: on CPU
-without YNNPACK fusions, which keep ViT's token × token scores outside XLA's count).
-XCiT's attention is d_h × d_h per head (independent of the N tokens), ViT's N × N.
+Scaling (section "scaling"): inference (``train=False``), batch 1, random weights, images 224² … 1024² (``--quick``:
+224² and 512²) for XCiT-N12/16, XCiT-T12/16, XCiT-S12/16 and DeiT-Ti/16, DeiT-S/16 (ViT with full attention,
+position table resized). The pairs of equal width are T12 vs DeiT-Ti (192) and S12 vs DeiT-S (384); N12 (128) vs
+DeiT-Ti is listed too. All models of one resolution are timed in interleaved rounds (median of >= 5 after a warm-up;
+compile reported separately). Memory: XLA temp + argument bytes of the jitted forward, every buffer counted
+(``bench_common.counted_memory``: on CPU without YNNPACK fusions, which keep ViT's token × token scores outside
+XLA's count). XCiT's attention is d_h × d_h per head (independent of the N tokens), ViT's N × N.
 
 timm (section "timm"): our ``xcit_nano_12_p16_224`` vs ``timm.create_model("xcit_nano_12_p16_224")`` (eager
 PyTorch, ``no_grad``, eval) at 224² and 384², batch 1, same number of threads (all usable cores), measured in
@@ -43,8 +43,8 @@ SWEEPS = {  # models, resolutions, timm resolutions, model overrides
     "tiny": (("N12", "DeiT-Ti"), (32,), (), dict(depth=1)),  # test mode: one block each
 }
 COLUMNS = ["section", "model", "res", "tokens", "time_s", "time_vs_224", "mem_bytes", "mem_vs_224",
-           "xcit_over_vit_time", "xcit_over_vit_mem", "flops", "xcit_over_vit_flops", "timm_time_s", "ours_over_timm_time", "rss_rise_bytes",
-           "timm_rss_rise_bytes", "compile_s"]
+           "xcit_over_vit_time", "xcit_over_vit_mem", "flops", "xcit_over_vit_flops", "timm_time_s",
+           "ours_over_timm_time", "rss_rise_bytes", "timm_rss_rise_bytes", "compile_s"]
 
 
 def compile_model(name: str, res: int, **overrides):
@@ -189,9 +189,10 @@ def main(argv=None):
              args.sections.split(","))
   return finish(args, "xcit", rows, COLUMNS, "XCiT vs ViT/DeiT, and vs timm",
                 "time_s = median forward time (batch 1, interleaved rounds); mem = XLA temp + argument "
-                "bytes, every buffer counted (CPU: compiled without YNNPACK fusions for the count); *_vs_224 relative to the smallest resolution; xcit_over_vit_* against the ViT of "
-                "equal width (T12: DeiT-Ti, S12: DeiT-S; N12: DeiT-Ti); timm rows: ours vs timm (eager "
-                "PyTorch) in the same run, same thread count.", plot)
+                "bytes, every buffer counted (CPU: compiled without YNNPACK fusions for the count); "
+                "*_vs_224 relative to the smallest resolution; xcit_over_vit_* against the ViT of equal width "
+                "(T12: DeiT-Ti, S12: DeiT-S; N12: DeiT-Ti); timm rows: ours vs timm (eager PyTorch) in the same "
+                "run, same thread count.", plot)
 
 
 if __name__ == "__main__":
