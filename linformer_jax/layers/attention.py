@@ -35,29 +35,25 @@ def _heads_first(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, 1, 2)
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def softmax_last(logits: jax.Array) -> jax.Array:
-  """``jax.nn.softmax(logits, axis=-1)`` with the backward pass written out: x̄ = p ⊙ (ḡ − Σ_s ḡ ⊙ p).
+  """``jax.nn.softmax(logits, axis=-1)`` whose derivative keeps the row sum a contraction.
 
-  Same values and gradients as ``jax.nn.softmax``. The row sum Σ_s ḡ ⊙ p is a contraction (einsum) here:
-  XLA:CPU fuses the reduction that autodiff of ``jax.nn.softmax`` produces into its elementwise consumer and
-  recomputes it for every element of the row, which made the softmax backward the slowest step of attention
-  on CPU (docs/benchmarks.md §2).
+  Same values and derivatives as ``jax.nn.softmax`` (forward and reverse mode): ṗ = p ⊙ (ẋ − Σ_s p ⊙ ẋ), so
+  the backward pass is x̄ = p ⊙ (ḡ − Σ_s ḡ ⊙ p). Here both the row sum and its broadcast back are einsums, and
+  their transposes in the backward pass are contractions too. With ``jax.nn.softmax``'s own rule the backward
+  row sum is a reduction that XLA:CPU fuses into its elementwise consumer and recomputes for every element of
+  the row, which made the softmax backward the slowest step of attention on CPU (docs/benchmarks.md §2).
   """
   return jax.nn.softmax(logits, axis=-1)
 
 
-def _softmax_last_fwd(logits):
-  p = jax.nn.softmax(logits, axis=-1)
-  return p, p
-
-
-def _softmax_last_bwd(p, g):
-  row = jnp.einsum("...s,...s->...", g, p)[..., None]
-  return (p * (g - row),)
-
-
-softmax_last.defvjp(_softmax_last_fwd, _softmax_last_bwd)
+@softmax_last.defjvp
+def _softmax_last_jvp(primals, tangents):
+  (logits,), (t,) = primals, tangents
+  p = softmax_last(logits)
+  row = jnp.einsum("...s,...s->...", p, t)
+  return p, p * t - jnp.einsum("...s,...->...s", p, row)
 
 
 def attention_weights(q: jax.Array, k: jax.Array, *, key_mask: Optional[jax.Array] = None,

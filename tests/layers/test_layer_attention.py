@@ -303,11 +303,11 @@ def test_attention_dropout_matches_numpy_with_reconstructed_keep_mask():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# softmax_last: the hand-written softmax backward
+# softmax_last: softmax with a contraction-shaped derivative
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(7,), (2, 3, 5, 11)])
-def test_softmax_last_values_and_vjp_match_numpy(shape):
-  """Forward = numpy softmax; VJP = Jᵀḡ with the softmax Jacobian J = diag(p) − p pᵀ built in float64."""
+def test_softmax_last_values_and_derivatives_match_numpy(shape):
+  """Forward = numpy softmax; VJP = Jᵀḡ and JVP = J ẋ with the softmax Jacobian J = diag(p) − p pᵀ in float64."""
   from linformer_jax.layers.attention import softmax_last
   rng = np.random.default_rng(0)
   x = rng.normal(size=shape).astype(np.float32) * 3
@@ -324,6 +324,12 @@ def test_softmax_last_values_and_vjp_match_numpy(shape):
   xm[..., 0] = np.finfo(np.float32).min
   pm, vjpm = jax.vjp(softmax_last, jnp.asarray(xm))
   assert np.all(np.asarray(pm)[..., 0] == 0) and np.all(np.asarray(vjpm(jnp.asarray(g))[0])[..., 0] == 0)
+  # forward mode (J ẋ) works too and matches the same Jacobian; so does a second derivative through it
+  _, tangent = jax.jvp(softmax_last, (jnp.asarray(x),), (jnp.asarray(g),))
+  np.testing.assert_allclose(tangent, np.einsum("...ij,...j->...i", jac, g.astype(np.float64)), atol=1e-6)
+  hvp = jax.jvp(jax.grad(lambda z: jnp.sum(softmax_last(z) ** 2)), (jnp.asarray(x),), (jnp.asarray(g),))[1]
+  ref = jax.jvp(jax.grad(lambda z: jnp.sum(jax.nn.softmax(z, axis=-1) ** 2)), (jnp.asarray(x),), (jnp.asarray(g),))[1]
+  np.testing.assert_allclose(hvp, ref, atol=1e-5)
 
 
 def test_full_attention_gradients_match_numpy():
