@@ -56,6 +56,15 @@ def test_counted_memory_includes_the_attention_scores():
   assert mem["temp_bytes"] >= heads * n * n * 4 and mem["argument_bytes"] >= n * dim * 4
 
 
+def test_counted_memory_says_when_it_cannot_unfuse(monkeypatch):
+  from experiments import bench_common
+  monkeypatch.setattr(bench_common, "UNFUSED_CPU_OPTIONS", {"xla_no_such_option_for_this_test": ""})
+  x = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+  with pytest.warns(UserWarning, match="YNNPACK"):
+    mem = bench_common.counted_memory(lambda a: a @ a, x)
+  assert mem["argument_bytes"] == 64 * 64 * 4
+
+
 def _independent_adafactor_floats(shape, min_dim):
   """Second-moment floats: rows + columns of the two largest axes if the second-largest is >= min_dim."""
   dims = sorted(shape)
