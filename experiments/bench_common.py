@@ -157,15 +157,10 @@ def add_common_args(p, quick_help: str = "small sweep (< 2 min on 2 CPU cores)")
   return p
 
 
-def compile_fn(fn: Callable, *args, donate_argnums=()) -> tuple[Any, float, dict]:
-  """jit-compiles fn for args; returns (compiled, compile seconds, memory dict with temp/argument bytes)."""
-  t0 = time.perf_counter()
-  compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
-  seconds = time.perf_counter() - t0
+def _memory_dict(compiled) -> dict:
   mem = compiled.memory_analysis()
-  memory = {"temp_bytes": int(mem.temp_size_in_bytes), "argument_bytes": int(mem.argument_size_in_bytes),
-            "output_bytes": int(mem.output_size_in_bytes)}
-  return compiled, seconds, memory
+  return {"temp_bytes": int(mem.temp_size_in_bytes), "argument_bytes": int(mem.argument_size_in_bytes),
+          "output_bytes": int(mem.output_size_in_bytes)}
 
 
 # XLA:CPU's YNNPACK fusions (e.g. q·kᵀ → softmax → ·v) allocate their scratch outside XLA's buffer assignment, so
@@ -174,23 +169,42 @@ def compile_fn(fn: Callable, *args, donate_argnums=()) -> tuple[Any, float, dict
 UNFUSED_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
+def _counted(lowered, compiled=None) -> dict:
+  """Memory dict of a lowered program with every buffer counted; `compiled`: its ordinary compilation, if done."""
+  if jax.default_backend() == "cpu":
+    try:
+      return _memory_dict(lowered.compile(compiler_options=UNFUSED_CPU_OPTIONS))
+    except Exception as e:  # a jaxlib without that XLA option: say so, count the ordinary program
+      warnings.warn(f"counted_memory: compiling without YNNPACK fusions failed ({type(e).__name__}: {e}); "
+                    "reporting the fused program's memory_analysis(), which may leave out fusion scratch")
+  return _memory_dict(compiled or lowered.compile())
+
+
+def compile_fn(fn: Callable, *args, donate_argnums=(), count_all_buffers: bool = False) -> tuple[Any, float, dict]:
+  """jit-compiles fn for args; returns (compiled, compile seconds, memory dict with temp/argument bytes).
+
+  count_all_buffers: the memory dict as ``counted_memory`` gives it (on CPU from a second compilation of the same
+  lowering without YNNPACK fusions; not included in the seconds); otherwise the compiled program's own analysis.
+  """
+  t0 = time.perf_counter()
+  lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(*args)
+  compiled = lowered.compile()
+  seconds = time.perf_counter() - t0
+  return compiled, seconds, _counted(lowered, compiled) if count_all_buffers else _memory_dict(compiled)
+
+
 def counted_memory(fn: Callable, *args) -> dict:
   """temp/argument/output bytes of ``fn(*args)`` with every buffer counted (compile only, nothing runs).
 
   On CPU the program is compiled without YNNPACK fusions (``UNFUSED_CPU_OPTIONS``) for this count, because those
   fusions' internal scratch is invisible to ``memory_analysis()``; elsewhere it is the ordinary compile.
   """
-  lowered = jax.jit(fn).lower(*args)
-  compiled = None
-  if jax.default_backend() == "cpu":
-    try:
-      compiled = lowered.compile(compiler_options=UNFUSED_CPU_OPTIONS)
-    except Exception as e:  # a jaxlib without that XLA option: say so, count the ordinary program
-      warnings.warn(f"counted_memory: compiling without YNNPACK fusions failed ({type(e).__name__}: {e}); "
-                    "reporting the fused program's memory_analysis(), which may leave out fusion scratch")
-  mem = (compiled or lowered.compile()).memory_analysis()
-  return {"temp_bytes": int(mem.temp_size_in_bytes), "argument_bytes": int(mem.argument_size_in_bytes),
-          "output_bytes": int(mem.output_size_in_bytes)}
+  return _counted(jax.jit(fn).lower(*args))
+
+
+def flops_of(compiled) -> float:
+  """XLA's FLOP count of a compiled function (2·M·N·K per matmul plus elementwise ops)."""
+  return float(compiled.cost_analysis().get("flops", 0.0))
 
 
 def median_time(compiled: Callable, *args, repeats: int = 5, warmup: int = 1) -> float:

@@ -74,10 +74,10 @@ def _compile_forward(model, x_shape, run=True):
   """(compiled program to run or None, abstract variables, compile seconds, counted memory)."""
   x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
-  compiled, seconds = None, 0.0
-  if run:
-    compiled, seconds, _ = compile_fn(model.apply, variables, x)
-  return compiled, variables, seconds, counted_memory(model.apply, variables, x)
+  if not run:
+    return None, variables, 0.0, counted_memory(model.apply, variables, x)
+  compiled, seconds, memory = compile_fn(model.apply, variables, x, count_all_buffers=True)
+  return compiled, variables, seconds, memory
 
 
 

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from experiments.bench_common import (bench_parser, blocking, compile_fn, finish, interleaved_median_times,
+from experiments.bench_common import (bench_parser, blocking, compile_fn, finish, flops_of, interleaved_median_times,
                                       random_like, sweep_mode, write_plot)
 from experiments.bench_remat import _train_step
 from linformer_jax.layers.attention import softmax_attention
@@ -81,7 +81,7 @@ def run(mode: str, repeats: int):
 
   def add(name, fn, *args):
     compiled, seconds, _ = compile_fn(fn, *args)
-    flops = float(compiled.cost_analysis().get("flops", 0.0))
+    flops = flops_of(compiled)
     measured[name] = (blocking(compiled, *args), flops, seconds)
 
   pn = s["peak_n"]

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_torch
-from experiments.bench_common import (bench_parser, blocking, compile_fn, counted_memory, finish, first_run_rss_rise,
+from experiments.bench_common import (bench_parser, blocking, compile_fn, finish, first_run_rss_rise, flops_of,
                                       host_load, interleaved_median_times, memory_budget, random_like, sweep_mode,
                                       write_plot)
 from linformer_jax.convert import from_linformer_pytorch
@@ -50,8 +50,8 @@ CONFIGS = {  # mode → [(config name, geometry, ns)]
     "tiny": [("tiny", dict(dim=32, heads=2, depth=1, ff=64, k=32, batch=1), (128,))],
 }
 COLUMNS = ["config", "model", "mode", "n", "time_ours_s", "time_torch_s", "ours_over_torch", "floor_over_torch",
-           "rss_rise_ours_bytes",
-           "rss_rise_torch_bytes", "mem_ours_xla_bytes", "torch_saved_bytes", "max_abs_diff", "note"]
+           "rss_rise_ours_bytes", "rss_rise_torch_bytes", "mem_ours_xla_bytes", "torch_saved_bytes", "max_abs_diff",
+           "note"]
 
 
 def torch_kwargs(g, n):
@@ -79,11 +79,9 @@ def measure_ours(model, variables, x, repeats, budget):
 
   res, fns = {}, {}
   for mode, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
-    compiled, seconds, _ = compile_fn(fn, variables, x)
-    memory = counted_memory(fn, variables, x)  # every buffer, also what a YNNPACK fusion keeps to itself
+    compiled, seconds, memory = compile_fn(fn, variables, x, count_all_buffers=True)
     mem = memory["temp_bytes"] + memory["argument_bytes"]
-    res[mode] = dict(mem_ours_xla_bytes=mem, compile_s=round(seconds, 3),
-                     flops_ours=float(compiled.cost_analysis().get("flops", 0.0)))
+    res[mode] = dict(mem_ours_xla_bytes=mem, compile_s=round(seconds, 3), flops_ours=flops_of(compiled))
     if mem > budget:
       res[mode]["note"] = f"ours not run: XLA memory {mem / 2**30:.1f} GiB > budget {budget / 2**30:.1f} GiB"
       continue

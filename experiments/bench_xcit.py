@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import bench_torch
-from experiments.bench_common import (bench_parser, blocking, compile_fn, counted_memory, finish, first_run_rss_rise,
+from experiments.bench_common import (bench_parser, blocking, compile_fn, finish, first_run_rss_rise, flops_of,
                                       host_load, interleaved_median_times, random_like, sweep_mode, write_plot)
 from linformer_jax.models import create_model
 
@@ -51,8 +51,7 @@ def compile_model(name: str, res: int, **overrides):
   model = create_model(name, **overrides)
   images = jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32)
   abstract = jax.eval_shape(model.init, jax.random.key(0), images)
-  compiled, seconds, _ = compile_fn(model.apply, abstract, images)
-  memory = counted_memory(model.apply, abstract, images)  # every buffer, also a YNNPACK fusion's scratch
+  compiled, seconds, memory = compile_fn(model.apply, abstract, images, count_all_buffers=True)
   variables = random_like(abstract)
   x = random_like(images, seed=1, scale=1.0)
   return compiled, (variables, x), seconds, memory
@@ -65,7 +64,7 @@ def scaling(models, resolutions, repeats, overrides):
     for short in models:
       compiled, args, seconds, memory = compile_model(MODELS[short], res, **overrides)
       info[short] = dict(compile_s=round(seconds, 3), mem_bytes=memory["temp_bytes"] + memory["argument_bytes"],
-                         temp_bytes=memory["temp_bytes"], flops=_flops(compiled),
+                         temp_bytes=memory["temp_bytes"], flops=flops_of(compiled),
                          rss_rise_bytes=first_run_rss_rise(compiled, *args))
       fns[short] = blocking(compiled, *args)
     times = interleaved_median_times(fns, repeats=repeats)
@@ -81,11 +80,6 @@ def scaling(models, resolutions, repeats, overrides):
     r["time_vs_224"] = round(r["time_s"] / by[(r["model"], first)]["time_s"], 2)
     r["mem_vs_224"] = round(r["mem_bytes"] / by[(r["model"], first)]["mem_bytes"], 2)
   return _against_partner(rows, ("time", "time_s"), ("mem", "mem_bytes"), ("flops", "flops"))
-
-
-def _flops(compiled) -> float:
-  """XLA's FLOP count of a compiled function (2·M·N·K per matmul plus elementwise ops)."""
-  return float(compiled.cost_analysis().get("flops", 0.0))
 
 
 def _against_partner(rows, *quantities):
@@ -108,7 +102,7 @@ def flop_counts(models, resolutions, overrides):
     for short in models:
       compiled, _, seconds, memory = compile_model(MODELS[short], res, **overrides)
       rows.append(dict(section="flops", model=short, name=MODELS[short], res=res, tokens=(res // 16) ** 2,
-                       flops=_flops(compiled), mem_bytes=memory["temp_bytes"] + memory["argument_bytes"],
+                       flops=flops_of(compiled), mem_bytes=memory["temp_bytes"] + memory["argument_bytes"],
                        compile_s=round(seconds, 3)))
       print(f"{res:>5}² {short:<8} {rows[-1]['flops'] / 1e9:9.2f} GFLOP", flush=True)
   return _against_partner(rows, ("flops", "flops"), ("mem", "mem_bytes"))
