@@ -21,8 +21,10 @@ scores outside XLA's buffer assignment (the timed program is the ordinary one). 
 peak-RSS rise of the first execution (of the timed program) with its ratio ``rss_saved``.
 A full-attention run whose XLA memory exceeds the budget (``--max-mem-gib``, default 60 % of MemAvailable)
 is not executed: its row keeps the compile-time memory and says why the time is missing.
-Rows: section, n, k, batch, time_full_s, time_linformer_s, time_saved, paper_time_saved, mem_full_bytes,
-mem_linformer_bytes, mem_saved, paper_mem_saved, temp_saved, rss_rise_*, compile_*_s, note.
+``flop_saved`` = XLA's FLOP count (``cost_analysis``) of the full-attention forward / the Linformer's: the time
+ratio both programs would show if they ran at the same FLOP rate (a compute-bound machine's expectation).
+Rows: section, n, k, batch, time_full_s, time_linformer_s, time_saved, paper_time_saved, flop_saved, flops_*,
+mem_full_bytes, mem_linformer_bytes, mem_saved, paper_mem_saved, temp_saved, rss_rise_*, compile_*_s, note.
 Writes DIR/efficiency.{json,md,png}.
 """
 from __future__ import annotations
@@ -32,8 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from experiments.bench_common import (bench_parser, blocking, compile_fn, counted_memory, finish, first_run_rss_rise,
-                                      fmt_bytes, interleaved_median_times, memory_budget, random_like, sweep_mode,
-                                      write_plot)
+                                      flops_of, fmt_bytes, interleaved_median_times, memory_budget, random_like,
+                                      sweep_mode, write_plot)
 from linformer_jax.models import Linformer
 
 # Linformer paper (arXiv 2006.04768) Table 3: (time saved ×, memory saved ×) by (n, k); V100, max batch.
@@ -62,8 +64,8 @@ SWEEPS = {  # ns, ks, model geometry, tokens per call; memory-only geometry, its
 }
 
 COLUMNS = ["section", "n", "k", "batch", "time_full_s", "time_linformer_s", "time_saved", "paper_time_saved",
-           "mem_full_bytes", "mem_linformer_bytes", "mem_saved", "paper_mem_saved", "temp_saved", "rss_saved",
-           "note"]
+           "flop_saved", "mem_full_bytes", "mem_linformer_bytes", "mem_saved", "paper_mem_saved", "temp_saved",
+           "rss_saved", "note"]
 
 
 def _model(n, k, attention, geometry):
@@ -125,16 +127,20 @@ def timed_section(sweep, repeats, budget):
       full_rss = None
       note = (f"full attention not run: XLA memory {_mem(full_mem) / 2**30:.1f} GiB > budget "
               f"{budget / 2**30:.1f} GiB (the n×n scores are {n * n * 4 / 2**30:.2f} GiB per head and sequence)")
+    full_flops = flops_of(full_c)
     for k in [k for k in sweep["ks"] if k < n]:
       model = _model(n, k, "linformer", geometry)
       compiled, abstract, compile_s, mem = _compile_forward(model, shape)
       variables = random_like(abstract)
-      lin[k] = dict(mem=mem, compile_s=compile_s, rss=first_run_rss_rise(compiled, variables, x))
+      lin[k] = dict(mem=mem, compile_s=compile_s, rss=first_run_rss_rise(compiled, variables, x),
+                    flops=flops_of(compiled))
       fns[k] = blocking(compiled, variables, x)
     times = interleaved_median_times(fns, repeats=repeats)
     for k, res in lin.items():
       row = dict(section="time+memory", n=n, k=k, batch=batch, **geometry,
                  time_full_s=times.get("full"), time_linformer_s=times[k],
+                 flops_full=full_flops, flops_linformer=res["flops"],
+                 flop_saved=round(full_flops / res["flops"], 2) if res["flops"] else None,
                  mem_full_bytes=_mem(full_mem), mem_linformer_bytes=_mem(res["mem"]),
                  temp_full_bytes=full_mem["temp_bytes"], temp_linformer_bytes=res["mem"]["temp_bytes"],
                  rss_rise_full_bytes=full_rss, rss_rise_linformer_bytes=res["rss"],
@@ -205,7 +211,8 @@ def main(argv=None):
                 "time_saved = time_full_s / time_linformer_s (same run, interleaved, median of >= 5); "
                 "mem = XLA temp + argument bytes of the jitted forward, every buffer counted (on CPU compiled "
                 "without YNNPACK fusions, whose scratch XLA does not count); rss_saved = ratio of the peak-RSS "
-                "rises of the timed programs' first runs; temp_saved = temp-only ratio; "
+                "rises of the timed programs' first runs; temp_saved = temp-only ratio; flop_saved = XLA FLOPs full / "
+                "Linformer (the time ratio at equal FLOP rates); "
                 "paper_* = Linformer paper Table 3 (V100, max batch).", plot)
 
 

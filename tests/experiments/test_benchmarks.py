@@ -39,6 +39,12 @@ def test_efficiency(tmp_path):
   for r in rows:
     if r["n"] == largest:
       assert r["mem_linformer_bytes"] < r["mem_full_bytes"] and r["mem_saved"] > 1
+  for r in timed:
+    if r["n"] == largest:  # FLOPs: q·kᵀ and p·v cost 4·b·n·n·dim per layer, the Linformer's 4·b·n·k·dim plus
+      # 4·b·n·k·dim for E·K and F·V; the rest of the block is the same, softmax adds a little on top
+      matmuls = 4 * r["batch"] * r["n"] * r["dim"] * (r["n"] - 2 * r["k"]) * r["depth"]
+      assert matmuls <= r["flops_full"] - r["flops_linformer"] <= 1.5 * matmuls
+      assert r["flop_saved"] == pytest.approx(r["flops_full"] / r["flops_linformer"], rel=0.01)
   memory_only = [r for r in rows if r["section"] == "memory only"]
   assert memory_only and all(r.get("time_full_s") is None and r["mem_saved"] > 1 for r in memory_only)
 
