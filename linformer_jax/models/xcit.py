@@ -25,7 +25,7 @@ from linformer_jax._validate import check_choice, check_int, check_rate
 from linformer_jax.layers.attention import FullSelfAttention
 from linformer_jax.layers.conv import DepthwiseConv2D
 from linformer_jax.layers.drop_path import DropPath
-from linformer_jax.layers.mlp import FeedForward
+from linformer_jax.layers.mlp import FeedForward, exact_gelu
 from linformer_jax.models.image_classifier import TokenClassifier, check_images
 from linformer_jax.remat import map_heads, remat_layer, remat_sublayer, validate_remat
 
@@ -33,7 +33,6 @@ LN_EPS = 1e-6  # LayerNorm epsilon everywhere in XCiT
 BN_MOMENTUM = 0.9  # = PyTorch momentum 0.1
 BN_EPS = 1e-5
 dense_init = nn.initializers.truncated_normal(0.02)
-exact_gelu = lambda x: jax.nn.gelu(x, approximate=False)
 
 
 def _batch_norm(train: bool, axis_name: Optional[str], name: str) -> nn.BatchNorm:

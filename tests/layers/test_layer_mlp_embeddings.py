@@ -66,6 +66,20 @@ def test_feedforward_gelu_is_exact_not_tanh():
   np.testing.assert_allclose(ff.apply(variables, x), 0.5 * xs * (1 + np_erf(xs / math.sqrt(2))), atol=1e-6)
 
 
+def test_exact_gelu_value_and_derivative_against_float64():
+  """exact_gelu = ½·x·(1 + erf(x/√2)) and its derivative Φ(x) + x·φ(x), against float64 math; also the same
+  function as jax.nn.gelu(approximate=False) (which evaluates it through erfc) to float32 accuracy."""
+  from linformer_jax.layers import exact_gelu
+  x = np.concatenate([np.linspace(-9.0, 9.0, 1001), rand(3, (500,), 3.0)]).astype(np.float32)
+  xd = x.astype(np.float64)
+  cdf = 0.5 * (1.0 + np_erf(xd / math.sqrt(2.0)))
+  pdf = np.exp(-0.5 * xd ** 2) / math.sqrt(2.0 * math.pi)
+  np.testing.assert_allclose(exact_gelu(jnp.asarray(x)), xd * cdf, atol=2e-6, rtol=1e-6)
+  np.testing.assert_allclose(jax.vmap(jax.grad(exact_gelu))(jnp.asarray(x)), cdf + xd * pdf, atol=2e-6, rtol=1e-6)
+  np.testing.assert_allclose(exact_gelu(jnp.asarray(x)), jax.nn.gelu(jnp.asarray(x), approximate=False), atol=2e-6)
+  assert exact_gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
 @pytest.mark.parametrize("base", [10000.0, 100000.0])
 def test_sinusoidal_positions_formula(base):
   n, dim = 7, 6
