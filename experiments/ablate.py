@@ -96,8 +96,9 @@ SWEEPS = {s.name: s for s in [
           (0,), _MLM_QUICK, (("n32", {"data.max_len": 32}), ("n64", {"data.max_len": 64})),
           "eval_perplexity",
           "at fixed k, perplexity is about the same across n (paper Fig. 3c/d, k=256, n=512…4096).",
-          _MLM_SHRUNK + " k=128; the batch holds 4096 bytes for every n (batch 8/4/2) so each run sees the same "
-          "bytes; the eval set holds 128 × 512 bytes of text for every n.", reference="n512"),
+          _MLM_SHRUNK + " k=128; the batch holds 4096 bytes for every n (batch 8/4/2) so each run sees as many "
+          "bytes; the eval set is 128 chunks of n bytes, so its text differs between n (docs/ablations.md §8 "
+          "also scores every n on the same bytes).", reference="n512"),
     Sweep("linformer_sharing", "mlm_linformer:cpu", _MLM,
           (("none", {"model.sharing": "none"}), ("headwise", {"model.sharing": "headwise"}),
            ("kv", {"model.sharing": "kv"}), ("layerwise", {"model.sharing": "layerwise"})),
