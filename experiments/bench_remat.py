@@ -7,7 +7,8 @@ n=1024, dim=128, k=128, batch 2, E/F sharing --sharing, default "headwise"; --qu
 batch 2, fewer points), every named policy at depth 12 / 8 heads (C1; --quick: two policies), the three
 levels at depth 12 with sharing "none" for comparison (per-head E/F: their gradients, 2·h·n·k floats per
 layer, are memory no remat can drop), and XCiT-T12 (224², batch 2; --quick: XCiT-N12 at 32², batch 2).
-Rows: model, sharing, depth, heads, level, policy, temp_bytes (XLA temp, compile time, deterministic),
+Rows: model, sharing, depth, heads, level, policy, temp_bytes (XLA temp, compile time, deterministic; every buffer
+counted: on CPU from a compilation without YNNPACK fusions, ``bench_common.counted_memory``),
 argument_bytes, compile_s, step_time_s (median of ≥5 runs after warm-up). Writes DIR/remat.{json,md,png};
 the markdown starts with the issue's targets checked against the rows.
 """
@@ -43,7 +44,7 @@ def measure(model, x, repeats: int) -> dict:
   tx = optax.adafactor(1e-3)
   opt_state = tx.init(params)
   step = _train_step(model.apply, tx)
-  compiled, compile_s, memory = compile_fn(step, params, opt_state, extra, x)
+  compiled, compile_s, memory = compile_fn(step, params, opt_state, extra, x, count_all_buffers=True)
   return dict(memory, compile_s=round(compile_s, 3),
               step_time_s=median_time(compiled, params, opt_state, extra, x, repeats=repeats))
 
