@@ -93,6 +93,8 @@ def _ratios(row):
   row["paper_time_saved"], row["paper_mem_saved"] = paper if paper else (None, None)
   if row.get("time_full_s") and row.get("time_linformer_s"):
     row["time_saved"] = round(row["time_full_s"] / row["time_linformer_s"], 2)
+  if row.get("flops_full") and row.get("flops_linformer"):
+    row["flop_saved"] = round(row["flops_full"] / row["flops_linformer"], 2)
   row["mem_saved"] = round(row["mem_full_bytes"] / row["mem_linformer_bytes"], 2)
   row["temp_saved"] = round(row["temp_full_bytes"] / row["temp_linformer_bytes"], 2)
   if row.get("rss_rise_full_bytes") and row.get("rss_rise_linformer_bytes"):
@@ -140,7 +142,6 @@ def timed_section(sweep, repeats, budget):
       row = dict(section="time+memory", n=n, k=k, batch=batch, **geometry,
                  time_full_s=times.get("full"), time_linformer_s=times[k],
                  flops_full=full_flops, flops_linformer=res["flops"],
-                 flop_saved=round(full_flops / res["flops"], 2) if res["flops"] else None,
                  mem_full_bytes=_mem(full_mem), mem_linformer_bytes=_mem(res["mem"]),
                  temp_full_bytes=full_mem["temp_bytes"], temp_linformer_bytes=res["mem"]["temp_bytes"],
                  rss_rise_full_bytes=full_rss, rss_rise_linformer_bytes=res["rss"],
