@@ -14,7 +14,8 @@ A sweep = a base config (``configs/<file>.py:get_config(arg)``) + sweep-wide dot
 (dicts of dotted overrides) × seeds. ``seed`` (model init, dropout) varies over the seed set; the data (its
 order, masking and eval/test sets) are the same for every run. ``--quick`` runs each sweep's 1–2 tiny arms for a
 few steps (the tests). ListOps runs also evaluate the *test* split from the final checkpoint once training is
-done. A run that stops on a non-finite loss is recorded as ``diverged`` (with the trainer's message) instead of
+done. Sweeps over the sequence length (``linformer_n``) also score every final checkpoint on the *same* masked
+bytes (``common_eval_*``: the eval set of the sweep's longest n, cut into pieces of each run's n). A run that stops on a non-finite loss is recorded as ``diverged`` (with the trainer's message) instead of
 failing the sweep.
 """
 from __future__ import annotations
@@ -41,7 +42,8 @@ class Sweep:
   ((arm name, overrides), ...); seeds: the full seed set; quick_base / quick_arms: the tiny --quick variant
   (its base config is ``module:runlocal``); metric: the headline eval metric; claim: the paper's claim;
   shrunk: what the full sweep shrank relative to the paper; test_split: also evaluate the "test" split;
-  reference: the arm whose mean headline metric the others are divided by (the "vs" column)."""
+  reference: the arm whose mean headline metric the others are divided by (the "vs" column); common_eval: also
+  score every run on the same bytes (MLM sweeps over data.max_len; the "vs" column then uses that score)."""
   name: str
   config: str
   base: dict
@@ -54,6 +56,12 @@ class Sweep:
   shrunk: str
   test_split: bool = False
   reference: Optional[str] = None  # arm the others are compared with (metric ratio column)
+  common_eval: bool = False
+
+  @property
+  def ratio_metric(self) -> str:
+    """The metric of the "÷ reference" column."""
+    return "common_eval_perplexity" if self.common_eval else self.metric
 
   def base_for(self, quick: bool) -> dict:
     return self.quick_base if quick else self.base
@@ -97,8 +105,9 @@ SWEEPS = {s.name: s for s in [
           "eval_perplexity",
           "at fixed k, perplexity is about the same across n (paper Fig. 3c/d, k=256, n=512…4096).",
           _MLM_SHRUNK + " k=128; the batch holds 4096 bytes for every n (batch 8/4/2) so each run sees as many "
-          "bytes; the eval set is 128 chunks of n bytes, so its text differs between n (docs/ablations.md §8 "
-          "also scores every n on the same bytes).", reference="n512"),
+          "bytes; the eval set is 128 chunks of n bytes, so its text differs between n: every run is therefore "
+          "also scored on the same masked bytes (common_eval_*: the n=2048 eval set cut into 2048/n pieces; "
+          "each piece is scored with at most n bytes of context).", reference="n512", common_eval=True),
     Sweep("linformer_sharing", "mlm_linformer:cpu", _MLM,
           (("none", {"model.sharing": "none"}), ("headwise", {"model.sharing": "headwise"}),
            ("kv", {"model.sharing": "kv"}), ("layerwise", {"model.sharing": "layerwise"})),
@@ -256,16 +265,16 @@ def _state_sizes(config, workdir) -> dict:
           "param_bytes": nbytes(params), "opt_state_bytes": nbytes(opt)}
 
 
-def evaluate_split(config, workdir, split: str) -> dict:
-  """Accuracy/loss on ``split`` of the final checkpoint in ``workdir`` (public pieces of linformer_jax.train)."""
+def _restore_final(config, workdir):
+  """(dataset, model, kind, restored final TrainState, its step, jitted eval_step) of a finished run."""
   import jax
   from linformer_jax import checkpoint as ckpt_lib
   from linformer_jax import train as tr
   from linformer_jax.data import make_dataset
   from linformer_jax.optim import make_optimizer
   dataset = make_dataset(config.data, str(workdir))
-  info, kind = dataset.info, dataset.info["kind"]
-  model = tr.build_model(config.model, info)
+  kind = dataset.info["kind"]
+  model = tr.build_model(config.model, dataset.info)
   tx = make_optimizer(config.optimizer, config.total_steps).tx
   state = tr.init_state(model, tx, dataset.batch_at(0, config.batch_size), kind, jax.random.key(config.seed))
   checkpointer = ckpt_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", asynchronous=False)
@@ -274,19 +283,68 @@ def evaluate_split(config, workdir, split: str) -> dict:
     state, _ = checkpointer.restore(step, state)
   finally:
     checkpointer.close()
-  eval_step = jax.jit(tr.make_eval_step(model, kind))
-  bs = config.get("eval_batch_size") or config.batch_size
+  return dataset, model, kind, state, int(step), jax.jit(tr.make_eval_step(model, kind))
+
+
+def _sum_eval(eval_step, state, batches) -> dict:
+  import jax
   totals = {"loss": 0.0, "correct": 0.0, "weight": 0.0}
-  for batch in dataset.eval_batches(bs, split=split):
+  for batch in batches:
     sums = jax.device_get(eval_step(state, batch))
     for key in totals:
       totals[key] += float(sums[key])
+  return totals
+
+
+def evaluate_split(config, workdir, split: str) -> dict:
+  """Accuracy/loss on ``split`` of the final checkpoint in ``workdir`` (public pieces of linformer_jax.train)."""
+  dataset, _, _, state, step, eval_step = _restore_final(config, workdir)
+  bs = config.get("eval_batch_size") or config.batch_size
+  totals = _sum_eval(eval_step, state, dataset.eval_batches(bs, split=split))
   w = max(totals["weight"], 1.0)
   out = {f"{split}_loss": totals["loss"] / w, f"{split}_accuracy": totals["correct"] / w,
-         f"{split}_examples": int(totals["weight"]), f"{split}_checkpoint_step": int(step)}
+         f"{split}_examples": int(totals["weight"]), f"{split}_checkpoint_step": step}
   if hasattr(dataset, "outer_operator_accuracy"):  # ListOps: the same split's outermost-operator baseline
     out[f"{split}_baseline_outer_operator_accuracy"] = dataset.outer_operator_accuracy(split)
   return out
+
+
+def common_eval_len(sweep: Sweep, quick: bool, extra: Optional[dict] = None) -> int:
+  """The longest data.max_len over all of the sweep's arms (not only those selected with --arms)."""
+  return max(run_config(sweep, o, 0, quick, extra).data.max_len for _, o in sweep.arms_for(quick))
+
+
+def evaluate_common(config, workdir, length: int) -> dict:
+  """MLM loss/accuracy/perplexity of the final checkpoint on the same masked bytes for every n: the eval set of
+  ``data.max_len = length`` (same corpus, seed and num_eval), each of its chunks cut into ``length / n`` pieces
+  of this run's n = data.max_len (so every byte is scored with at most n bytes of context)."""
+  import ml_collections
+  import numpy as np
+  from linformer_jax.data import make_dataset
+  n = config.data.max_len
+  if length % n:
+    raise ValueError(f"common eval length {length} must be a multiple of data.max_len={n}.")
+  _, _, kind, state, step, eval_step = _restore_final(config, workdir)
+  if kind != "mlm":
+    raise ValueError(f"common_eval needs an MLM sweep, got data kind {kind!r}.")
+  common = ml_collections.ConfigDict(config.data.to_dict())
+  common.max_len = length
+  dataset = make_dataset(common, str(workdir))
+  rows = max(1, (config.get("eval_batch_size") or config.batch_size) * n // length)
+
+  def pieces():
+    for batch in dataset.eval_batches(rows):
+      valid = batch["valid"]
+      cut = {k: np.asarray(batch[k])[valid].reshape(-1, n) for k in ("inputs", "targets", "weights", "mask")}
+      real = cut["mask"].any(-1)  # drop pieces of pure padding (the corpus' last chunk)
+      yield {k: v[real] for k, v in cut.items()}
+
+  totals = _sum_eval(eval_step, state, pieces())
+  w = max(totals["weight"], 1.0)
+  loss = totals["loss"] / w
+  return {"common_eval_loss": loss, "common_eval_accuracy": totals["correct"] / w,
+          "common_eval_perplexity": float(np.exp(min(loss, 50.0))), "common_eval_bytes": int(totals["weight"]),
+          "common_eval_len": int(length), "common_eval_checkpoint_step": step}
 
 
 def _curve(metrics: list, metric: str) -> list:
@@ -312,6 +370,11 @@ def run_one(sweep: Sweep, arm: str, overrides: dict, seed: int, out: pathlib.Pat
       raise ValueError(f"{workdir} holds a run of {row['steps']} steps, more than total_steps="
                        f"{config.total_steps}; pass --total_steps {row['steps']} or use another --out.")
     if row["steps"] == config.total_steps or row["status"] != "ok":
+      if sweep.common_eval and row["status"] == "ok" and "common_eval_perplexity" not in row["final"]:
+        row["final"].update(evaluate_common(config, workdir, common_eval_len(sweep, quick, extra)))
+        marker.write_text(json.dumps(_plain(row), indent=1, allow_nan=False))  # recorded before the common eval
+        log(f"[{sweep.name}] {arm} seed {seed}: added common_eval_perplexity "
+            f"{row['final']['common_eval_perplexity']:.3f}")
       row["skipped"] = True
       log(f"[{sweep.name}] {arm} seed {seed}: done already, skipped")
       return row
@@ -350,6 +413,8 @@ def run_one(sweep: Sweep, arm: str, overrides: dict, seed: int, out: pathlib.Pat
   row.update(_state_sizes(config, workdir))
   if sweep.test_split and status == "ok":
     row["final"].update(evaluate_split(config, workdir, "test"))
+  if sweep.common_eval and status == "ok":
+    row["final"].update(evaluate_common(config, workdir, common_eval_len(sweep, quick, extra)))
   jax.clear_caches()
   row = _plain(row)
   marker.write_text(json.dumps(row, indent=1, allow_nan=False))
@@ -368,6 +433,8 @@ def _headline(sweep: Sweep) -> list:
     keys.append("test_accuracy")
   if sweep.metric == "eval_perplexity":
     keys.append("eval_accuracy")
+  if sweep.common_eval:
+    keys += ["common_eval_perplexity", "common_eval_accuracy"]
   return keys
 
 
@@ -389,7 +456,7 @@ def summarize(sweep: Sweep, rows: list) -> list:
     out.append(s)
   ref = next((s for s in out if s["arm"] == sweep.reference), None)
   for s in out:
-    mean, ref_mean = s[sweep.metric + "_mean"], ref and ref[sweep.metric + "_mean"]
+    mean, ref_mean = s[sweep.ratio_metric + "_mean"], ref and ref[sweep.ratio_metric + "_mean"]
     s["vs_reference"] = mean / ref_mean if mean is not None and ref_mean else None
   return out
 
@@ -443,7 +510,9 @@ def write_markdown(sweep: Sweep, rows: list, summary: list, path: pathlib.Path, 
            "", f"**Paper claim.** {sweep.claim}", "", f"**Shrunk.** {sweep.shrunk}", "",
            *_overridden_note(sweep, rows, extra, quick),
            f"Headline metric: final `{sweep.metric}` (mean ± population std over seeds when there are several)"
-           + (f"; baselines (validation split unless marked): {base_text}" if base_text else "") + ".",
+           + (f"; baselines (validation split unless marked): {base_text}" if base_text else "")
+           + (f"; the ÷ {sweep.reference} column divides `{sweep.ratio_metric}`"
+              if sweep.reference and sweep.ratio_metric != sweep.metric else "") + ".",
            "", markdown_table(table, list(table[0])) if table else "(no runs)", ""]
   bad = [r for r in rows if r["status"] != "ok"]
   if bad:

@@ -1,5 +1,6 @@
 """experiments.ablate: every sweep's --quick variant runs (tiny model, 2 steps) and writes its JSON / markdown /
 PNG; a rerun skips finished runs; every full arm builds a valid config; bad arguments are refused."""
+import dataclasses
 import json
 import os
 
@@ -86,14 +87,54 @@ def fake_train_and_evaluate(config, workdir):
 
 # The other MLM sweeps differ from linformer_k only in model/data fields: their quick variants run through
 # the sweep machinery with a stand-in trainer (real model and optimizer construction, no compilation).
-@pytest.mark.parametrize("name", ["linformer_n", "linformer_sharing", "linformer_projection",
-                                  "linformer_nonuniform_k"])
+@pytest.mark.parametrize("name", ["linformer_sharing", "linformer_projection", "linformer_nonuniform_k"])
 def test_quick_sweep_other_mlm(tmp_path, monkeypatch, name):
   monkeypatch.setattr("linformer_jax.train.train_and_evaluate", fake_train_and_evaluate)
   result = ablate.run_sweep(name, tmp_path, quick=True, log=lambda m: None)
   check_outputs(tmp_path, name, result, [a for a, _ in ablate.SWEEPS[name].quick_arms])
   for s in result["summary"]:
     assert s["eval_perplexity_std"] == 0.0 and s["eval_perplexity_mean"] > 20
+
+
+def test_linformer_n_scores_every_n_on_the_same_bytes(tmp_path):
+  """linformer_n (real 2-step runs, n = 32 and 64): each final checkpoint is also scored on the n=64 eval set, cut
+  into pieces of its own n. Independent checks: the scored byte count is the weight sum of that eval set read
+  from the dataset directly; for n = 64 (no cut) the score equals the trainer's own full evaluation; the ratio
+  column divides the common scores."""
+  import numpy as np
+  from linformer_jax.data import make_dataset
+  result = ablate.main(["--sweep", "linformer_n", "--out", str(tmp_path), "--quick", "--set",
+                        "eval_max_batches=null"])
+  n32, n64 = result["rows"]
+  assert (n32["arm"], n64["arm"]) == ("n32", "n64")
+  config = ablate.run_config(ablate.SWEEPS["linformer_n"], {"data.max_len": 64}, 0, True)
+  dataset = make_dataset(config.data, str(tmp_path / "linformer_n" / "n64_seed0"))
+  weight = sum(float(np.asarray(b["weights"]).sum()) for b in dataset.eval_batches(8))
+  for row in (n32, n64):
+    final = row["final"]
+    assert final["common_eval_len"] == 64 and final["common_eval_checkpoint_step"] == 2
+    assert final["common_eval_bytes"] == weight > 0
+    assert 0.0 <= final["common_eval_accuracy"] <= 1.0
+    assert final["common_eval_perplexity"] == pytest.approx(np.exp(final["common_eval_loss"]), rel=1e-6)
+  assert n64["final"]["common_eval_loss"] == pytest.approx(n64["final"]["eval_loss"], rel=1e-5)
+  assert n32["final"]["common_eval_loss"] != pytest.approx(n64["final"]["common_eval_loss"], rel=1e-6)
+  sweep = dataclasses.replace(ablate.SWEEPS["linformer_n"], reference="n32")  # n512 is not a quick arm
+  ref, other = ablate.summarize(sweep, result["rows"])
+  assert other["vs_reference"] == pytest.approx(n64["final"]["common_eval_perplexity"]
+                                                / n32["final"]["common_eval_perplexity"])
+  assert "| common_eval_perplexity |" in (tmp_path / "linformer_n.md").read_text()
+  # a run recorded without the common score (before the option existed) gets it added on the next invocation
+  marker = tmp_path / "linformer_n" / "n32_seed0" / ablate.RUN_MARKER
+  row = json.loads(marker.read_text())
+  row["final"] = {k: v for k, v in row["final"].items() if not k.startswith("common_eval")}
+  marker.write_text(json.dumps(row))
+  again = ablate.run_sweep("linformer_n", tmp_path, quick=True, arms=["n32"], extra={"eval_max_batches": None},
+                           log=lambda m: None)
+  assert again["rows"][0]["skipped"] and again["rows"][0]["final"] == n32["final"]
+  assert json.loads(marker.read_text())["final"] == n32["final"]
+  with pytest.raises(ValueError, match="multiple of data.max_len=32"):
+    ablate.evaluate_common(ablate.run_config(ablate.SWEEPS["linformer_n"], {"data.max_len": 32}, 0, True),
+                           tmp_path / "linformer_n" / "n32_seed0", 48)
 
 
 def test_seeds_mean_and_std(tmp_path, monkeypatch):
