@@ -15,8 +15,8 @@ A sweep = a base config (``configs/<file>.py:get_config(arg)``) + sweep-wide dot
 order, masking and eval/test sets) are the same for every run. ``--quick`` runs each sweep's 1–2 tiny arms for a
 few steps (the tests). ListOps runs also evaluate the *test* split from the final checkpoint once training is
 done. Sweeps over the sequence length (``linformer_n``) also score every final checkpoint on the *same* masked
-bytes (``common_eval_*``: the eval set of the sweep's longest n, cut into pieces of each run's n). A run that stops on a non-finite loss is recorded as ``diverged`` (with the trainer's message) instead of
-failing the sweep.
+bytes (``common_eval_*``: the eval set of the sweep's longest n, cut into pieces of each run's n). A run that
+stops on a non-finite loss is recorded as ``diverged`` (with the trainer's message) instead of failing the sweep.
 """
 from __future__ import annotations
 
@@ -266,7 +266,7 @@ def _state_sizes(config, workdir) -> dict:
 
 
 def _restore_final(config, workdir):
-  """(dataset, model, kind, restored final TrainState, its step, jitted eval_step) of a finished run."""
+  """(dataset, restored final TrainState, its step, jitted eval_step) of a finished run."""
   import jax
   from linformer_jax import checkpoint as ckpt_lib
   from linformer_jax import train as tr
@@ -283,7 +283,7 @@ def _restore_final(config, workdir):
     state, _ = checkpointer.restore(step, state)
   finally:
     checkpointer.close()
-  return dataset, model, kind, state, int(step), jax.jit(tr.make_eval_step(model, kind))
+  return dataset, state, int(step), jax.jit(tr.make_eval_step(model, kind))
 
 
 def _sum_eval(eval_step, state, batches) -> dict:
@@ -298,7 +298,7 @@ def _sum_eval(eval_step, state, batches) -> dict:
 
 def evaluate_split(config, workdir, split: str) -> dict:
   """Accuracy/loss on ``split`` of the final checkpoint in ``workdir`` (public pieces of linformer_jax.train)."""
-  dataset, _, _, state, step, eval_step = _restore_final(config, workdir)
+  dataset, state, step, eval_step = _restore_final(config, workdir)
   bs = config.get("eval_batch_size") or config.batch_size
   totals = _sum_eval(eval_step, state, dataset.eval_batches(bs, split=split))
   w = max(totals["weight"], 1.0)
@@ -324,9 +324,9 @@ def evaluate_common(config, workdir, length: int) -> dict:
   n = config.data.max_len
   if length % n:
     raise ValueError(f"common eval length {length} must be a multiple of data.max_len={n}.")
-  _, _, kind, state, step, eval_step = _restore_final(config, workdir)
-  if kind != "mlm":
-    raise ValueError(f"common_eval needs an MLM sweep, got data kind {kind!r}.")
+  own, state, step, eval_step = _restore_final(config, workdir)
+  if own.info["kind"] != "mlm":
+    raise ValueError(f"common_eval needs an MLM sweep, got data kind {own.info['kind']!r}.")
   common = ml_collections.ConfigDict(config.data.to_dict())
   common.max_len = length
   dataset = make_dataset(common, str(workdir))
