@@ -90,6 +90,13 @@ _MLM_SHRUNK = ("paper: RoBERTa-base (12 layers, d=768), BookCorpus+Wikipedia, 25
                "V100s. Here: 2 layers, d=64, 4 heads, batch 8 × 512 bytes of the Python stdlib sources, 400 "
                "Adafactor steps (1.6 M bytes seen), one seed.")
 
+_LISTOPS = {"checkpoint_every": 500, "log_every": 50, "tensorboard": False, "data.max_length": 200,
+            "data.max_len": 200, "model.dim": 64, "model.dim_ff": 128, "model.mlp_dim": 128}
+_LISTOPS_QUICK = {"total_steps": 2, "log_every": 1, "eval_every": 2, "checkpoint_every": 2, "eval_max_batches": 1,
+                  "plots": False, "tensorboard": False, "model.depth": 1}
+_LISTOPS_CLAIM = ("LRA Table 1: Linformer 35.70, Transformer 36.37 test accuracy (majority class ≈ 17 %; runs stuck "
+                  "there did not learn). Targets: Linformer ≥ 35.7, Transformer ≥ 36.4.")
+
 SWEEPS = {s.name: s for s in [
     Sweep("linformer_k", "mlm_linformer:cpu", _MLM,
           (("full", {"model.attention": "full"}), ("k32", {"model.k": 32}), ("k64", {"model.k": 64}),
@@ -129,20 +136,29 @@ SWEEPS = {s.name: s for s in [
           "evaluating it; layer i projects to k − i·r.", _MLM_SHRUNK.replace("2 layers", "4 layers") +
           " k=128, sharing kv (k_i = 128, 96, 64, 32 for r=32).", reference="reduce0"),
     Sweep("lra_listops", "listops_linformer:cpu",
-          {"total_steps": 2000, "eval_every": 100, "checkpoint_every": 500, "log_every": 50, "warmup": 200,
-           "tensorboard": False, "data.max_length": 200, "data.max_len": 200, "model.dim": 64,
-           "model.dim_ff": 128, "model.mlp_dim": 128},
+          {**_LISTOPS, "total_steps": 2000, "eval_every": 100, "warmup": 200},
           (("linformer", {"model.attention": "linformer"}), ("transformer", {"model.attention": "full"})),
-          (0,), {"total_steps": 2, "log_every": 1, "eval_every": 2, "checkpoint_every": 2, "eval_max_batches": 1,
-                 "plots": False, "tensorboard": False, "model.depth": 1},
-          (("linformer", {"model.attention": "linformer"}),), "eval_accuracy",
-          "LRA Table 1: Linformer 35.70, Transformer 36.37 test accuracy (majority class ≈ 17 %; runs stuck "
-          "there did not learn). Targets: Linformer ≥ 35.7, Transformer ≥ 36.4.",
+          (0,), _LISTOPS_QUICK, (("linformer", {"model.attention": "linformer"}),), "eval_accuracy", _LISTOPS_CLAIM,
           "LRA: 96k train examples of length 500–2000, 4 layers, d=512, 8 heads, 5k steps of batch 32. Here "
           "(configs/listops_*.py:cpu, shrunk further): 4,000 train / 500 val / 500 test generated examples of "
           "length 50–200 (max_len 200), 2 layers, d=64, 4 heads, FF 128, MLP head 128, k=16 (kv-shared, as "
           "LRA), 2,000 steps of batch 32 (16 epochs), LRA's AdamW(0.9, 0.98, wd 0.1) + rsqrt schedule (peak "
           "1.58e-3) with warmup 200, dropout 0.1; one seed.",
+          test_split=True, reference="transformer"),
+    Sweep("lra_listops_long", "listops_linformer:cpu",
+          {**_LISTOPS, "data.num_train": 96000, "data.num_eval": 2000, "data.num_test": 2000, "warmup": 1000,
+           "eval_every": 250, "model.pos_emb": "learned"},
+          (("linformer", {"model.attention": "linformer", "total_steps": 20000}),
+           ("transformer", {"model.attention": "full", "total_steps": 8000})),
+          (0, 1), {**_LISTOPS_QUICK, "model.pos_emb": "learned"}, (("linformer", {"model.attention": "linformer"}),),
+          "eval_accuracy",
+          _LISTOPS_CLAIM,
+          "as lra_listops (lengths 50–200, 2 layers, d=64, 4 heads, FF 128, k=16 kv-shared, LRA's AdamW + rsqrt) "
+          "but with LRA's data size (96,000 train / 2,000 val / 2,000 test examples), LRA's warmup of 1,000 steps, "
+          "learned position embeddings (LRA's learn_pos_emb option; its ListOps config uses fixed sinusoids, with "
+          "which both models stop at the outermost-operator lookup table here) and about an hour of one CPU core "
+          "per arm: 20,000 steps for the Linformer, 8,000 for the 2.5× slower Transformer (LRA: 5,000 of a "
+          "512-wide 4-layer model); two seeds. The arms are independent: run them side by side with --arms.",
           test_split=True, reference="transformer"),
     Sweep("xcit_components", "digits_xcit",
           {"model.depth": 2, "model.embed_dim": 64, "model.num_heads": 4, "model.cls_attn_layers": 1,

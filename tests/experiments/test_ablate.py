@@ -35,18 +35,19 @@ def check_outputs(out, name, result, arms):
 
 # Real training (2 steps of a tiny model) for the four kinds of sweep: MLM (with a rerun that skips), ListOps
 # (with the test split of the final checkpoint), XCiT on digits and the optimizer arms.
-@pytest.mark.parametrize("name,arms", [("linformer_k", "k8"), ("lra_listops", None),
+@pytest.mark.parametrize("name,arms", [("linformer_k", "k8"), ("lra_listops", None), ("lra_listops_long", None),
                                        ("xcit_components", "self_attention"), ("adafactor", "unfactored")])
 def test_quick_sweep_runs_and_writes_outputs(tmp_path, name, arms):
   result = ablate.main(["--sweep", name, "--out", str(tmp_path), "--quick"] + (["--arms", arms] if arms else []))
   arms = arms.split(",") if arms else [a for a, _ in ablate.SWEEPS[name].quick_arms]
   doc = check_outputs(tmp_path, name, result, arms)
-  if name == "lra_listops":  # test split of the final checkpoint, evaluated after training
+  if name.startswith("lra_listops"):  # test split of the final checkpoint, evaluated after training
     final = doc["rows"][0]["final"]
     assert final["test_checkpoint_step"] == 2 and final["test_examples"] == 16
     assert 0.0 <= final["test_accuracy"] <= 1.0 and "test_accuracy_mean" in doc["summary"][0]
     assert 0.0 <= final["test_baseline_outer_operator_accuracy"] <= 1.0
     assert "outermost-operator lookup table" in (tmp_path / f"{name}.md").read_text()
+    assert doc["rows"][0]["config"]["model"]["pos_emb"] == ("learned" if name.endswith("long") else "sinusoidal")
   if name == "linformer_k":  # rerun: everything is skipped, outputs rewritten from the markers
     mtime = os.path.getmtime(tmp_path / name / "k8_seed0" / "metrics.jsonl")
     again = ablate.run_sweep(name, tmp_path, quick=True, arms=["k8"], log=lambda m: None)
@@ -173,6 +174,18 @@ def test_every_arm_builds_a_valid_config():
           for part in ablate.ALIASES.get(key, key).split("."):
             target = target[part]
           assert target == value, (name, arm, key)
+
+
+def test_lra_listops_long_equals_the_documented_commands():
+  """lra_listops_long's runs are the lra_listops runs recorded in docs/ablations.md (`--sweep lra_listops --set
+  ...`): the resolved configs must be equal, field by field."""
+  sets = {"data.num_train": 96000, "data.num_eval": 2000, "data.num_test": 2000, "warmup": 1000,
+          "eval_every": 250, "model.pos_emb": "learned"}
+  long, short = ablate.SWEEPS["lra_listops_long"], ablate.SWEEPS["lra_listops"]
+  for (arm, overrides), steps in zip(long.arms, (20000, 8000)):
+    ours = ablate.run_config(long, overrides, 1, False).to_dict()
+    documented = ablate.run_config(short, dict(short.arms)[arm], 1, False, {**sets, "total_steps": steps}).to_dict()
+    assert ours == documented and ours["model"]["pos_emb"] == "learned" and ours["total_steps"] == steps
 
 
 def test_optimizer_state_bytes_of_the_adafactor_arms(tmp_path):
