@@ -302,21 +302,12 @@ def _restore_final(config, workdir):
   return dataset, state, int(step), jax.jit(tr.make_eval_step(model, kind))
 
 
-def _sum_eval(eval_step, state, batches) -> dict:
-  import jax
-  totals = {"loss": 0.0, "correct": 0.0, "weight": 0.0}
-  for batch in batches:
-    sums = jax.device_get(eval_step(state, batch))
-    for key in totals:
-      totals[key] += float(sums[key])
-  return totals
-
-
 def evaluate_split(config, workdir, split: str) -> dict:
   """Accuracy/loss on ``split`` of the final checkpoint in ``workdir`` (public pieces of linformer_jax.train)."""
+  from linformer_jax.train import eval_sums
   dataset, state, step, eval_step = _restore_final(config, workdir)
   bs = config.get("eval_batch_size") or config.batch_size
-  totals = _sum_eval(eval_step, state, dataset.eval_batches(bs, split=split))
+  totals = eval_sums(eval_step, state, dataset.eval_batches(bs, split=split))
   w = max(totals["weight"], 1.0)
   out = {f"{split}_loss": totals["loss"] / w, f"{split}_accuracy": totals["correct"] / w,
          f"{split}_examples": int(totals["weight"]), f"{split}_checkpoint_step": step}
@@ -337,6 +328,7 @@ def evaluate_common(config, workdir, length: int) -> dict:
   import ml_collections
   import numpy as np
   from linformer_jax.data import make_dataset
+  from linformer_jax.train import eval_sums
   n = config.data.max_len
   if length % n:
     raise ValueError(f"common eval length {length} must be a multiple of data.max_len={n}.")
@@ -355,7 +347,7 @@ def evaluate_common(config, workdir, length: int) -> dict:
       real = cut["mask"].any(-1)  # drop pieces of pure padding (the corpus' last chunk)
       yield {k: v[real] for k, v in cut.items()}
 
-  totals = _sum_eval(eval_step, state, pieces())
+  totals = eval_sums(eval_step, state, pieces())
   w = max(totals["weight"], 1.0)
   loss = totals["loss"] / w
   return {"common_eval_loss": loss, "common_eval_accuracy": totals["correct"] / w,
@@ -388,7 +380,7 @@ def run_one(sweep: Sweep, arm: str, overrides: dict, seed: int, out: pathlib.Pat
     if row["steps"] == config.total_steps or row["status"] != "ok":
       if sweep.common_eval and row["status"] == "ok" and "common_eval_perplexity" not in row["final"]:
         row["final"].update(evaluate_common(config, workdir, common_eval_len(sweep, quick, extra)))
-        marker.write_text(json.dumps(_plain(row), indent=1, allow_nan=False))  # recorded before the common eval
+        marker.write_text(json.dumps(_plain(row), indent=1, allow_nan=False))  # a run recorded without it
         log(f"[{sweep.name}] {arm} seed {seed}: added common_eval_perplexity "
             f"{row['final']['common_eval_perplexity']:.3f}")
       row["skipped"] = True

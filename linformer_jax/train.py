@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import errno
+import itertools
 import json
 import os
 import pathlib
@@ -29,7 +30,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import flax
 import flax.linen as nn
@@ -346,16 +347,20 @@ def make_eval_step(model: nn.Module, kind: str, compute_dtype=jnp.float32,
   return eval_step
 
 
-def evaluate(eval_step: Callable, state: TrainState, dataset, batch_size: int, kind: str,
-             max_batches: Optional[int] = None) -> dict:
+def eval_sums(eval_step: Callable, state: TrainState, batches: Iterable[dict]) -> dict:
+  """Host-side sums of ``eval_step``'s loss, correct predictions and weights over ``batches``."""
   totals = {"loss": 0.0, "correct": 0.0, "weight": 0.0}
-  for i, batch in enumerate(dataset.eval_batches(batch_size, process_index=jax.process_index(),
-                                                 process_count=jax.process_count())):
-    if max_batches is not None and i >= max_batches:
-      break
+  for batch in batches:
     sums = jax.device_get(eval_step(state, batch))
     for key in totals:
       totals[key] += float(sums[key])
+  return totals
+
+
+def evaluate(eval_step: Callable, state: TrainState, dataset, batch_size: int, kind: str,
+             max_batches: Optional[int] = None) -> dict:
+  batches = dataset.eval_batches(batch_size, process_index=jax.process_index(), process_count=jax.process_count())
+  totals = eval_sums(eval_step, state, itertools.islice(batches, max_batches))
   weight = max(totals["weight"], 1.0)
   out = {"eval_loss": totals["loss"] / weight, "eval_accuracy": totals["correct"] / weight}
   if kind == "mlm":
