@@ -13,6 +13,7 @@ import platform
 import statistics
 import time
 import warnings
+import weakref
 from typing import Any, Callable, Sequence
 
 import jax
@@ -32,7 +33,8 @@ def machine_info() -> dict:
   import numpy
   info = {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
           "devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__, "flax": flax.__version__,
-          "numpy": numpy.__version__, "python": platform.python_version()}
+          "numpy": numpy.__version__, "python": platform.python_version(),
+          "matmul_precision": jax.config.jax_default_matmul_precision or "default"}
   info.update(host_load())
   return info
 
@@ -63,10 +65,37 @@ def mem_available_bytes() -> int | None:
   return None
 
 
+def on_accelerator() -> bool:
+  """Whether JAX computes on a GPU/TPU (then host RSS says nothing about the arrays, and memory is the device's)."""
+  return jax.default_backend() != "cpu"
+
+
+def device_bytes_limit() -> int | None:
+  """The memory JAX's allocator may use on the first device (None on CPU or where the backend does not say)."""
+  if not on_accelerator():
+    return None
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit")
+
+
+def torch_device_spec() -> dict:
+  """Where the PyTorch side of a comparison runs, matched to JAX's: {"device": "cpu"} on CPU; on a GPU
+  {"device": "cuda", "tf32": ...}, TensorFloat-32 allowed exactly when JAX's float32 matmuls may use it (XLA:GPU's
+  default precision does; ``JAX_DEFAULT_MATMUL_PRECISION=highest`` makes both sides full float32)."""
+  if jax.default_backend() != "gpu":
+    return {"device": "cpu"}
+  precision = str(jax.config.jax_default_matmul_precision or "default").lower()
+  return {"device": "cuda", "tf32": precision not in ("highest", "float32", "precision.highest")}
+
+
 def memory_budget(max_gib: float | None, fraction: float = 0.6) -> int:
-  """Bytes a single measurement may use: ``max_gib`` if given, else ``fraction`` of MemAvailable now."""
+  """Bytes a single measurement may use: ``max_gib`` if given, else ``fraction`` of the device's memory (GPU/TPU)
+  or of MemAvailable now (CPU)."""
   if max_gib is not None:
     return int(max_gib * 2**30)
+  limit = device_bytes_limit()
+  if limit:
+    return int(fraction * limit)
   available = mem_available_bytes()
   return int(fraction * available) if available is not None else 8 * 2**30
 
@@ -94,8 +123,10 @@ def blocking(compiled: Callable, *args) -> Callable[[], Any]:
 
 def first_run_rss_rise(compiled: Callable, *args) -> int | None:
   """Peak-RSS rise of the process during one execution of ``compiled(*args)`` (high-water mark reset just before;
-  None where /proc/self/clear_refs is unavailable). Meaningful for large buffers: smaller freed blocks may stay
-  in the allocator and hide part of the rise."""
+  None where /proc/self/clear_refs is unavailable, and on a GPU/TPU, whose arrays are not in host memory).
+  Meaningful for large buffers: smaller freed blocks may stay in the allocator and hide part of the rise."""
+  if on_accelerator():
+    return None
   from experiments.bench_torch import rss_rise
   return rss_rise(blocking(compiled, *args))
 
@@ -190,6 +221,7 @@ def compile_fn(fn: Callable, *args, donate_argnums=(), count_all_buffers: bool =
   lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(*args)
   compiled = lowered.compile()
   seconds = time.perf_counter() - t0
+  _LOWERED_FLOPS[compiled] = _cpu_flops(fn, args) if on_accelerator() else _flops(lowered.cost_analysis())
   return compiled, seconds, _counted(lowered, compiled) if count_all_buffers else _memory_dict(compiled)
 
 
@@ -202,9 +234,38 @@ def counted_memory(fn: Callable, *args) -> dict:
   return _counted(jax.jit(fn).lower(*args))
 
 
+# FLOPs of each program compiled by compile_fn, counted on its lowered (not yet optimized) HLO.
+_LOWERED_FLOPS: "weakref.WeakKeyDictionary[Any, float]" = weakref.WeakKeyDictionary()
+
+
+def _flops(analysis) -> float:
+  if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get("flops", 0.0))
+
+
+def _cpu_flops(fn: Callable, args) -> float:
+  """XLA:CPU's FLOP count of ``fn(*args)`` traced as on this backend but lowered for the host CPU (nothing is
+  compiled or run): the count does not depend on where the program would run, and XLA:GPU's own counts are
+  unusable (an H100 reported 0 FLOPs for a 4096³ ``jnp.dot``, both before and after optimization)."""
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+
+  def on_cpu(a):
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu) if hasattr(a, "shape") and hasattr(a, "dtype") else a
+  try:
+    return _flops(jax.jit(fn).lower(*jax.tree.map(on_cpu, args)).cost_analysis())
+  except Exception as e:  # say so rather than report a wrong count
+    warnings.warn(f"flops: lowering for the CPU failed ({type(e).__name__}: {e}); FLOPs reported as 0")
+    return 0.0
+
+
 def flops_of(compiled) -> float:
-  """XLA's FLOP count of a compiled function (2·M·N·K per matmul plus elementwise ops)."""
-  return float(compiled.cost_analysis().get("flops", 0.0))
+  """XLA's FLOP count of a function (2·M·N·K per matmul plus elementwise ops). For programs from ``compile_fn`` on
+  a GPU/TPU it is XLA:CPU's count of the same traced program (``_cpu_flops``); on CPU the compiled program's count
+  (equal to the lowered HLO's)."""
+  if compiled in _LOWERED_FLOPS:
+    return _LOWERED_FLOPS[compiled]
+  return _flops(compiled.cost_analysis())
 
 
 def median_time(compiled: Callable, *args, repeats: int = 5, warmup: int = 1) -> float:
@@ -236,7 +297,8 @@ def write_outputs(out_dir: str | os.PathLike, name: str, rows: list[dict], colum
   out.mkdir(parents=True, exist_ok=True)
   info = machine_info()
   (out / f"{name}.json").write_text(json.dumps([dict(row, machine=info) for row in rows], indent=1))
-  header = (f"# {title}\n\nMachine: {info['cpu']}, {info['cores']} cores, backend {info['backend']}, "
+  device = f" ({info['devices'][0]}, float32 matmul precision {info['matmul_precision']})" if on_accelerator() else ""
+  header = (f"# {title}\n\nMachine: {info['cpu']}, {info['cores']} cores, backend {info['backend']}{device}, "
             f"jax {info['jax']}.\n\n")
   (out / f"{name}.md").write_text(header + (notes + "\n\n" if notes else "") + markdown_table(rows, columns))
   return out

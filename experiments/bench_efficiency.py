@@ -1,6 +1,7 @@
 """Linformer paper Table 3 on this machine: inference time and memory saved by Linformer over a Transformer.
 
-    python -m experiments.bench_efficiency --out DIR [--quick] [--max-mem-gib G]
+    python -m experiments.bench_efficiency --out DIR [--quick] [--max-mem-gib G] [--ns N,...] [--tokens T]
+        [--sections time,memory]
 
 Both models are ``linformer_jax.models.Linformer`` with the same block (pre-LN, GELU FF, no dropout); the
 Transformer is ``attention="full"`` (``softmax_attention``: ``jax.nn.dot_product_attention`` on GPU/TPU, heads-first
@@ -20,7 +21,8 @@ compiled once more without YNNPACK fusions for the count, because a fused qÂ·káµ
 scores outside XLA's buffer assignment (the timed program is the ordinary one). Also the temp-only ratio and the
 peak-RSS rise of the first execution (of the timed program) with its ratio ``rss_saved``.
 A full-attention run whose XLA memory exceeds the budget (``--max-mem-gib``, default 60 % of MemAvailable)
-is not executed: its row keeps the compile-time memory and says why the time is missing.
+is not executed: its row keeps the compile-time memory and says why the time is missing (on a GPU/TPU the default
+budget is 60 % of the device memory JAX may use, and peak RSS is not measured: the arrays live on the device).
 ``flop_saved`` = XLA's FLOP count (``cost_analysis``) of the full-attention forward / the Linformer's: the time
 ratio both programs would show if they ran at the same FLOP rate (a compute-bound machine's expectation).
 Rows: section, n, k, batch, time_full_s, time_linformer_s, time_saved, paper_time_saved, flop_saved, flops_*,
@@ -171,12 +173,15 @@ def memory_section(sweep):
   return rows
 
 
-def run(mode: str, repeats: int, max_mem_gib=None, ns=None):
+def run(mode: str, repeats: int, max_mem_gib=None, ns=None, tokens=None, sections=("time", "memory")):
   sweep = dict(SWEEPS[mode])
+  if tokens:  # tokens per timed call (batch = max(1, tokens // n)): a GPU needs more than ~8k to be filled
+    sweep["tokens"] = tokens
   if ns:  # a subset of the sequence lengths (e.g. one n again with a larger memory budget)
     sweep.update(ns=[n for n in sweep["ns"] if n in ns], mem_ns=[n for n in sweep["mem_ns"] if n in ns])
   budget = memory_budget(max_mem_gib)
-  return timed_section(sweep, repeats, budget) + memory_section(sweep)
+  return ((timed_section(sweep, repeats, budget) if "time" in sections else [])
+          + (memory_section(sweep) if "memory" in sections else []))
 
 
 def plot(rows, path):
@@ -193,7 +198,8 @@ def plot(rows, path):
         if paper:
           ax.plot(*zip(*paper), "--", color=line.get_color(), alpha=0.6, label=f"paper k={k}")
       ax.set(xscale="log", yscale="log", xlabel="sequence length n", ylabel=label)
-      ax.legend(fontsize=7, ncol=2)
+      if ax.lines:  # a memory-only run has no timed rows to draw
+        ax.legend(fontsize=7, ncol=2)
     axes[0].set_title("Linformer / Transformer: time (dashed: paper Table 3)")
     axes[1].set_title("memory (XLA temp + arguments)")
   write_plot(path, draw)
@@ -205,9 +211,13 @@ def main(argv=None):
                  help="largest XLA memory a full-attention run may use (default: 60%% of MemAvailable)")
   p.add_argument("--ns", type=lambda v: [int(n) for n in v.split(",")], default=None,
                  help="only these sequence lengths of the sweep, comma-separated")
+  p.add_argument("--tokens", type=int, default=None,
+                 help="tokens per timed call, batch = max(1, tokens // n) (default: 8192; quick: 4096)")
+  p.add_argument("--sections", default="time,memory",
+                 help="comma-separated subset of: time (the timed section), memory (the memory-only section)")
   args = p.parse_args(argv)
   mode = sweep_mode(args)
-  rows = run(mode, max(args.repeats, 5), args.max_mem_gib, args.ns)
+  rows = run(mode, max(args.repeats, 5), args.max_mem_gib, args.ns, args.tokens, args.sections.split(","))
   return finish(args, "efficiency", rows, COLUMNS, "Linformer vs Transformer inference (paper Table 3)",
                 "time_saved = time_full_s / time_linformer_s (same run, interleaved, median of >= 5); "
                 "mem = XLA temp + argument bytes of the jitted forward, every buffer counted (on CPU compiled "

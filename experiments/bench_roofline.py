@@ -138,7 +138,7 @@ def main(argv=None):
   mode = sweep_mode(args)
   rows = run(mode, max(args.repeats, 5))
   return finish(args, "roofline", rows, COLUMNS, "Roofline: Linformer train step vs matmul peak",
-                "flops = XLA cost_analysis of each compiled function; time = median of >= 5 in "
+                "flops = XLA cost_analysis of each function (bench_common.flops_of); time = median of >= 5 in "
                 "interleaved rounds; fraction_of_peak = (flops / time) / (peak dot flops / time); "
                 "time_share = part time × depth / train-step time.", plot)
 

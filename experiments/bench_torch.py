@@ -16,6 +16,12 @@ It prints one JSON object (prefixed by ``RESULT_PREFIX``) on stdout. Tasks:
 The parent (``run_worker_best_threads``) runs each task with the requested threads and with 1 thread and keeps
 the better time, so a loaded machine does not unfairly slow eager PyTorch's many small parallel regions.
 
+Device: ``spec["device"]`` ("cpu", the default, or "cuda": model and input on the GPU, each timed run ended by
+``torch.cuda.synchronize()``, one thread count only); ``spec["tf32"]`` (default False) allows TensorFloat-32 in
+matmuls and cuDNN convolutions, to match a JAX side whose float32 matmuls use it (the parent decides from JAX's
+default matmul precision). On CUDA the memory reported is the rise of ``torch.cuda.max_memory_allocated`` over the
+first run (``*_device_peak_rise_bytes``) instead of the host RSS.
+
 Timing: ``warmup`` untimed runs, then the median of ``repeats`` runs (``time.perf_counter``); threads
 ``torch.set_num_threads(threads)``. Memory: the process's peak-RSS rise during the first run (the kernel's
 high-water mark is reset through ``/proc/self/clear_refs`` just before it), and for forward+backward the bytes
@@ -128,9 +134,10 @@ def run_worker_best_threads(python: str, spec: dict, threads: int, timeout: floa
   """``run_worker`` with ``threads`` and, if > 1, again with 1 thread (eager PyTorch issues many small ops, each
   a parallel region whose threads must all be scheduled: on a loaded machine 1 thread can be much faster).
   Times (``*_time_s``) are the better of the two (the comparison is then conservative for us); each count's
-  times are kept as ``*_time_s_<t>threads``; the other fields (memory, versions) come from the ``threads`` run."""
+  times are kept as ``*_time_s_<t>threads``; the other fields (memory, versions) come from the ``threads`` run.
+  A CUDA task runs once (host threads only launch its kernels)."""
   res = run_worker(python, dict(spec, threads=threads), timeout)
-  counts = [threads] + ([1] if threads > 1 else [])
+  counts = [threads] + ([1] if threads > 1 and spec.get("device", "cpu") == "cpu" else [])
   runs = [res] + [run_worker(python, dict(spec, threads=t, save_npz=None), timeout) for t in counts[1:]]
   for key in [k for k in res if k.endswith("_time_s")]:
     for t, r in zip(counts, runs):
@@ -158,8 +165,32 @@ def _saved_bytes(torch, fn) -> tuple[int, object]:
   return sum(seen.values()), out
 
 
+def _synced(torch, device: str, fn):
+  """``fn`` followed by a wait for the device's queued work (CUDA), so that wall time covers the computation."""
+  if device == "cpu":
+    return fn
+
+  def run():
+    out = fn()
+    torch.cuda.synchronize()
+    return out
+  return run
+
+
+def _memory_rise(torch, device: str, fn) -> dict:
+  """First-run memory: host peak-RSS rise on CPU; on CUDA the rise of the allocator's peak over the bytes held."""
+  if device == "cpu":
+    return {"rss_rise_bytes": rss_rise(fn)}
+  torch.cuda.synchronize()
+  base = torch.cuda.memory_allocated()
+  torch.cuda.reset_peak_memory_stats()
+  fn()
+  return {"device_peak_rise_bytes": torch.cuda.max_memory_allocated() - base}
+
+
 def _sequence_task(torch, spec: dict) -> dict:
   n, dim, batch = spec["n"], spec["dim"], spec["batch"]
+  device = spec.get("device", "cpu")
   torch.manual_seed(spec.get("seed", 0))
   if spec["task"] == "linformer":
     import linformer_pytorch
@@ -170,6 +201,8 @@ def _sequence_task(torch, spec: dict) -> dict:
                                              activation="gelu", batch_first=True, norm_first=False)
     model = torch.nn.TransformerEncoder(layer, kw["num_layers"], enable_nested_tensor=False)
   x = torch.randn(batch, n, dim)
+  saved_x = x
+  model, x = model.to(device), x.to(device)
   params = sum(p.numel() for p in model.parameters())
   res = {"params": params}
 
@@ -188,40 +221,47 @@ def _sequence_task(torch, spec: dict) -> dict:
   for mode, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
     if mode not in spec.get("modes", ("fwd", "fwdbwd")):
       continue
-    rise = rss_rise(fn)
-    res[f"{mode}_rss_rise_bytes"] = rise
+    fn = _synced(torch, device, fn)
+    res.update({f"{mode}_{key}": v for key, v in _memory_rise(torch, device, fn).items()})
     res[f"{mode}_time_s"] = median_seconds(fn, spec["repeats"], spec["warmup"])
     if mode == "fwdbwd":
       model.train()
       res["saved_for_backward_bytes"], _ = _saved_bytes(torch, lambda: model(x))
   if spec.get("save_npz"):  # the weights, input and eval output, for the JAX side's same-model check
     import numpy as np
-    np.savez(spec["save_npz"], x=x.numpy(), y=fwd().numpy(),
-             **{"sd/" + k: v.detach().numpy() for k, v in model.state_dict().items()})
+    np.savez(spec["save_npz"], x=saved_x.numpy(), y=fwd().cpu().numpy(),
+             **{"sd/" + k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
   return res
 
 
 def _timm_task(torch, spec: dict) -> dict:
   import timm
   torch.manual_seed(spec.get("seed", 0))
-  model = timm.create_model(spec["name"], pretrained=False).eval()
-  x = torch.randn(spec["batch"], 3, spec["img"], spec["img"])
+  device = spec.get("device", "cpu")
+  model = timm.create_model(spec["name"], pretrained=False).eval().to(device)
+  x = torch.randn(spec["batch"], 3, spec["img"], spec["img"]).to(device)
 
   def fwd():
     with torch.no_grad():
       return model(x)
 
-  rise = rss_rise(fwd)
-  return {"params": sum(p.numel() for p in model.parameters()), "timm": timm.__version__,
-          "fwd_rss_rise_bytes": rise, "fwd_time_s": median_seconds(fwd, spec["repeats"], spec["warmup"])}
+  fwd = _synced(torch, device, fwd)
+  res = {"params": sum(p.numel() for p in model.parameters()), "timm": timm.__version__}
+  res.update({f"fwd_{key}": v for key, v in _memory_rise(torch, device, fwd).items()})
+  res["fwd_time_s"] = median_seconds(fwd, spec["repeats"], spec["warmup"])
+  return res
 
 
 def worker(spec: dict) -> dict:
   import torch
   torch.set_num_threads(spec["threads"])
+  if spec.get("device", "cpu") != "cpu":
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(spec.get("tf32", False))
   task = {"linformer": _sequence_task, "transformer": _sequence_task, "timm": _timm_task}[spec["task"]]
   res = task(torch, spec)
-  res.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+  res.update(torch=torch.__version__, torch_threads=torch.get_num_threads(), torch_device=spec.get("device", "cpu"))
+  if res["torch_device"] != "cpu":
+    res.update(torch_device_name=torch.cuda.get_device_name(), torch_tf32=torch.backends.cuda.matmul.allow_tf32)
   if spec["task"] == "linformer":
     import importlib.metadata
     res["linformer_pytorch"] = importlib.metadata.version("linformer-pytorch")

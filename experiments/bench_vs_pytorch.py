@@ -2,7 +2,8 @@
 
     python -m experiments.bench_vs_pytorch --out DIR [--quick] [--torch-python PATH]
 
-Same model, same input, same CPU threads, measured in the same run. The PyTorch side runs in a subprocess of
+Same model, same input, same CPU threads (on a GPU: the same GPU, and TensorFloat-32 matmuls on both sides or on
+neither, following JAX's default matmul precision), measured in the same run. The PyTorch side runs in a subprocess of
 ``--torch-python`` (a Python with ``torch`` and ``linformer-pytorch``; default: this interpreter if it can import
 torch; otherwise the PyTorch columns are empty and the rows say why). torch is not a dependency of this package.
 
@@ -37,8 +38,8 @@ import numpy as np
 
 from experiments import bench_torch
 from experiments.bench_common import (bench_parser, blocking, compile_fn, finish, first_run_rss_rise, flops_of,
-                                      host_load, interleaved_median_times, memory_budget, random_like, sweep_mode,
-                                      write_plot)
+                                      host_load, interleaved_median_times, memory_budget, on_accelerator,
+                                      random_like, sweep_mode, torch_device_spec, write_plot)
 from linformer_jax.convert import from_linformer_pytorch
 from linformer_jax.models import Linformer
 
@@ -92,8 +93,10 @@ def measure_ours(model, variables, x, repeats, budget):
   return res
 
 
-def matmul_peak_flops(repeats, n=2048):
-  """FLOP/s of a large f32 ``jnp.dot`` on this machine (all usable cores): the roofline for the floor column."""
+def matmul_peak_flops(repeats, n=None):
+  """FLOP/s of a large f32 ``jnp.dot`` on this machine (all usable cores; n = 2048, on a GPU/TPU 8192): the
+  roofline for the floor column."""
+  n = n or (8192 if on_accelerator() else 2048)
   a = random_like(jax.ShapeDtypeStruct((n, n), jnp.float32), seed=2, scale=1.0)
   compiled, _, _ = compile_fn(jnp.dot, a, a)
   return 2 * n ** 3 / interleaved_median_times({"dot": blocking(compiled, a, a)}, repeats=repeats)["dot"]
@@ -110,7 +113,7 @@ def run_config(name, g, n, repeats, torch_python, budget, threads, tmp, peak):
           d_model=g["dim"], nhead=g["heads"], dim_feedforward=g["ff"], num_layers=g["depth"])
       theirs = bench_torch.run_worker_best_threads(torch_python, dict(
           task=kind, n=n, dim=g["dim"], batch=g["batch"], kwargs=kwargs, repeats=repeats, warmup=2,
-          save_npz=npz), threads)
+          save_npz=npz, **torch_device_spec()), threads)
     if kind == "linformer" and torch_python:
       data = np.load(npz)
       sd = {key[3:]: data[key] for key in data.files if key.startswith("sd/")}
@@ -130,6 +133,8 @@ def run_config(name, g, n, repeats, torch_python, budget, threads, tmp, peak):
       row = dict(config=name, model=kind, mode=mode, n=n, **g, threads=threads, params_ours=n_params,
                  params_torch=theirs.get("params"), time_torch_s=theirs.get(f"{mode}_time_s"),
                  rss_rise_torch_bytes=theirs.get(f"{mode}_rss_rise_bytes"),
+                 device_peak_rise_torch_bytes=theirs.get(f"{mode}_device_peak_rise_bytes"),
+                 torch_device=theirs.get("torch_device"), torch_tf32=theirs.get("torch_tf32"),
                  torch_saved_bytes=theirs.get("saved_for_backward_bytes") if mode == "fwdbwd" else None,
                  torch=theirs.get("torch"), linformer_pytorch=theirs.get("linformer_pytorch"),
                  torch_best_threads=theirs.get(f"{mode}_best_threads"), max_abs_diff=diff, **ours[mode])
@@ -164,7 +169,8 @@ def run(mode, repeats, torch_python, max_mem_gib=None):
   threads = host_load()["usable_cores"]
   budget = memory_budget(max_mem_gib, fraction=0.5)
   peak = matmul_peak_flops(repeats)
-  print(f"matmul peak (f32 jnp.dot 2048², {threads} cores): {peak / 1e9:.1f} GFLOP/s", flush=True)
+  print(f"matmul peak (f32 jnp.dot, {threads} cores, backend {jax.default_backend()}): {peak / 1e9:.1f} GFLOP/s; "
+        f"PyTorch side: {torch_device_spec()}", flush=True)
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for name, g, ns in CONFIGS[mode]:

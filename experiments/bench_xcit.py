@@ -12,7 +12,8 @@ XLA's count). XCiT's attention is d_h × d_h per head (independent of the N toke
 
 timm (section "timm"): our ``xcit_nano_12_p16_224`` vs ``timm.create_model("xcit_nano_12_p16_224")`` (eager
 PyTorch, ``no_grad``, eval) at 224² and 384², batch 1, same number of threads (all usable cores), measured in
-the same run: ours in this process (timed before and after timm's run; the mean), timm's in a subprocess of
+the same run (on a GPU: both on the GPU, TensorFloat-32 on both sides or neither, following JAX's default
+matmul precision): ours in this process (timed before and after timm's run; the mean), timm's in a subprocess of
 ``--torch-python`` (a Python with torch and
 timm; default: this interpreter if it has torch, otherwise the section is skipped with a message). Memory:
 peak-RSS rise of the first forward on both sides (and XLA temp + argument bytes for ours).
@@ -31,7 +32,8 @@ import jax.numpy as jnp
 
 from experiments import bench_torch
 from experiments.bench_common import (bench_parser, blocking, compile_fn, finish, first_run_rss_rise, flops_of,
-                                      host_load, interleaved_median_times, random_like, sweep_mode, write_plot)
+                                      host_load, interleaved_median_times, random_like, sweep_mode,
+                                      torch_device_spec, write_plot)
 from linformer_jax.models import create_model
 
 MODELS = {"N12": "xcit_nano_12_p16_224", "T12": "xcit_tiny_12_p16_224", "S12": "xcit_small_12_p16_224",
@@ -117,14 +119,18 @@ def versus_timm(resolutions, repeats, torch_python):
     # ours is timed before and after timm's subprocess (the mean is used), bracketing drifts in machine load
     ours_before = interleaved_median_times({"ours": blocking(compiled, *args)}, repeats=repeats)["ours"]
     theirs = bench_torch.run_worker_best_threads(torch_python, dict(
-        task="timm", name=MODELS["N12"], img=res, batch=1, repeats=repeats, warmup=2), threads)
+        task="timm", name=MODELS["N12"], img=res, batch=1, repeats=repeats, warmup=2, **torch_device_spec()),
+        threads)
     ours_after = interleaved_median_times({"ours": blocking(compiled, *args)}, repeats=repeats)["ours"]
     ours = (ours_before + ours_after) / 2
     rows.append(dict(section="timm", model="N12", name=MODELS["N12"], res=res, tokens=(res // 16) ** 2,
                      time_s=ours, timm_time_s=theirs["fwd_time_s"],
                      ours_over_timm_time=round(ours / theirs["fwd_time_s"], 3),
                      mem_bytes=memory["temp_bytes"] + memory["argument_bytes"], rss_rise_bytes=rise,
-                     timm_rss_rise_bytes=theirs["fwd_rss_rise_bytes"], compile_s=round(seconds, 3),
+                     timm_rss_rise_bytes=theirs.get("fwd_rss_rise_bytes"),
+                     timm_device_peak_rise_bytes=theirs.get("fwd_device_peak_rise_bytes"),
+                     torch_device=theirs.get("torch_device"), torch_tf32=theirs.get("torch_tf32"),
+                     compile_s=round(seconds, 3),
                      threads=threads, torch=theirs["torch"], timm=theirs["timm"],
                      time_s_before_after=[ours_before, ours_after],
                      timm_best_threads=theirs["fwd_best_threads"], timm_params=theirs["params"],

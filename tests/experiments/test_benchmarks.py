@@ -171,3 +171,44 @@ def test_rss_rise_sees_a_large_allocation():
   if rise is None:
     pytest.skip("/proc/self/clear_refs not available")
   assert rise >= 48 * 2**20
+
+
+def test_efficiency_tokens_and_sections(tmp_path):
+  """--tokens sets batch = max(1, tokens // n); --sections picks the timed and/or the memory-only section."""
+  from experiments import bench_efficiency
+  bench_efficiency.main(["--out", str(tmp_path / "t"), "--tiny", "--tokens", "512", "--sections", "time"])
+  rows = json.loads((tmp_path / "t" / "efficiency.json").read_text())
+  assert {r["section"] for r in rows} == {"time+memory"}
+  assert {(r["n"], r["batch"]) for r in rows} == {(64, 8), (256, 2)}
+  bench_efficiency.main(["--out", str(tmp_path / "m"), "--tiny", "--sections", "memory"])
+  rows = json.loads((tmp_path / "m" / "efficiency.json").read_text())
+  assert rows and {r["section"] for r in rows} == {"memory only"}
+
+
+def test_flops_are_counted_on_the_lowered_program():
+  """compile_fn records XLA's FLOPs of what it compiles: 2·M·N·K for a matmul, and on an accelerator the count
+  of the same trace lowered for the host CPU (_cpu_flops) — checked here against the hand count too."""
+  from experiments.bench_common import _cpu_flops, compile_fn, flops_of
+  a, b = jnp.ones((64, 96)), jnp.ones((96, 32))
+  compiled, _, _ = compile_fn(jnp.dot, a, b)
+  assert flops_of(compiled) == 2 * 64 * 96 * 32
+  assert _cpu_flops(jnp.dot, (a, b)) == 2 * 64 * 96 * 32
+  # a pytree argument with a non-array leaf (as an optimizer state may hold) lowers too
+  assert _cpu_flops(lambda t: t["a"] @ t["b"] * t["s"], ({"a": a, "b": b, "s": 2.0},)) >= 2 * 64 * 96 * 32
+
+
+def test_torch_side_follows_the_jax_backend():
+  """On CPU the PyTorch side runs on the CPU; the memory budget there comes from MemAvailable."""
+  from experiments.bench_common import device_bytes_limit, memory_budget, on_accelerator, torch_device_spec
+  assert jax.default_backend() == "cpu" and not on_accelerator()
+  assert torch_device_spec() == {"device": "cpu"} and device_bytes_limit() is None
+  assert memory_budget(1.5) == int(1.5 * 2**30) and memory_budget(None) > 0
+
+
+def test_gpu_precision_decides_tf32(monkeypatch):
+  """On a GPU, TensorFloat-32 on the torch side exactly when JAX's float32 matmuls may use it."""
+  from experiments import bench_common
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with jax.default_matmul_precision("highest"):
+    assert bench_common.torch_device_spec() == {"device": "cuda", "tf32": False}
+  assert bench_common.torch_device_spec() == {"device": "cuda", "tf32": True}
