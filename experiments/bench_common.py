@@ -234,7 +234,7 @@ def counted_memory(fn: Callable, *args) -> dict:
   return _counted(jax.jit(fn).lower(*args))
 
 
-# FLOPs of each program compiled by compile_fn, counted on its lowered (not yet optimized) HLO.
+# FLOPs of each program compiled by compile_fn: its lowered HLO's count on CPU, ``_cpu_flops`` on a GPU/TPU.
 _LOWERED_FLOPS: "weakref.WeakKeyDictionary[Any, float]" = weakref.WeakKeyDictionary()
 
 

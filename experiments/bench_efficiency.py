@@ -208,7 +208,8 @@ def plot(rows, path):
 def main(argv=None):
   p = bench_parser(__doc__)
   p.add_argument("--max-mem-gib", type=float, default=None,
-                 help="largest XLA memory a full-attention run may use (default: 60%% of MemAvailable)")
+                 help="largest XLA memory a full-attention run may use (default: 60%% of MemAvailable; on a "
+                      "GPU/TPU of the device memory)")
   p.add_argument("--ns", type=lambda v: [int(n) for n in v.split(",")], default=None,
                  help="only these sequence lengths of the sweep, comma-separated")
   p.add_argument("--tokens", type=int, default=None,

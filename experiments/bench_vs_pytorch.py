@@ -200,7 +200,8 @@ def main(argv=None):
   p.add_argument("--torch-python", default=None,
                  help="a Python with torch and linformer-pytorch (default: this one if it has torch)")
   p.add_argument("--max-mem-gib", type=float, default=None,
-                 help="largest XLA memory a JAX run may use (default: 50%% of MemAvailable)")
+                 help="largest XLA memory a JAX run may use (default: 50%% of MemAvailable; on a GPU/TPU of "
+                      "the device memory)")
   args = p.parse_args(argv)
   mode = sweep_mode(args)
   rows = run(mode, max(args.repeats, 5), args.torch_python or bench_torch.default_torch_python(), args.max_mem_gib)
