@@ -83,6 +83,9 @@ def torch_device_spec() -> dict:
   {"device": "cuda", "tf32": ...}, TensorFloat-32 allowed exactly when JAX's float32 matmuls may use it (XLA:GPU's
   default precision does; ``JAX_DEFAULT_MATMUL_PRECISION=highest`` makes both sides full float32)."""
   if jax.default_backend() != "gpu":
+    if on_accelerator():
+      warnings.warn(f"the PyTorch side runs on the CPU while JAX runs on {jax.default_backend()}: its times and "
+                    "memory are not comparable with ours")
     return {"device": "cpu"}
   precision = str(jax.config.jax_default_matmul_precision or "default").lower()
   return {"device": "cuda", "tf32": precision not in ("highest", "float32", "precision.highest")}

@@ -212,3 +212,44 @@ def test_gpu_precision_decides_tf32(monkeypatch):
   with jax.default_matmul_precision("highest"):
     assert bench_common.torch_device_spec() == {"device": "cuda", "tf32": False}
   assert bench_common.torch_device_spec() == {"device": "cuda", "tf32": True}
+
+
+def test_torch_worker_cuda_path_synchronizes_and_reads_the_allocator():
+  """The worker's CUDA helpers, with a stand-in for torch.cuda: every timed call waits for the device, and the
+  first-run memory is the allocator's peak minus what was held before (reset just before the run)."""
+  calls = []
+
+  class Cuda:
+    held, peak = 100, 0
+
+    def synchronize(self):
+      calls.append("sync")
+
+    def memory_allocated(self):
+      return self.held
+
+    def reset_peak_memory_stats(self):
+      self.peak = self.held
+
+    def max_memory_allocated(self):
+      return self.peak
+
+  class Torch:
+    cuda = Cuda()
+
+  def work():
+    calls.append("work")
+    Torch.cuda.peak = 100 + 4096  # the run allocates 4096 bytes on top of what was held
+    return 7
+
+  fn = bench_torch._synced(Torch, "cuda", work)
+  assert fn() == 7 and calls == ["work", "sync"]
+  assert bench_torch._memory_rise(Torch, "cuda", fn) == {"device_peak_rise_bytes": 4096}
+  assert bench_torch._synced(Torch, "cpu", work) is work  # on CPU nothing is added
+
+
+def test_torch_side_on_cpu_against_a_tpu_is_flagged(monkeypatch):
+  from experiments import bench_common
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  with pytest.warns(UserWarning, match="not comparable"):
+    assert bench_common.torch_device_spec() == {"device": "cpu"}
