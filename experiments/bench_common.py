@@ -224,7 +224,9 @@ def compile_fn(fn: Callable, *args, donate_argnums=(), count_all_buffers: bool =
   lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(*args)
   compiled = lowered.compile()
   seconds = time.perf_counter() - t0
-  _LOWERED_FLOPS[compiled] = _cpu_flops(fn, args) if on_accelerator() else _flops(lowered.cost_analysis())
+  if on_accelerator():  # counted only if flops_of asks (a second trace); shapes kept, not the arrays
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if _is_array(a) else a, args)
+    _FLOPS_LATER[compiled] = lambda: _cpu_flops(fn, abstract)
   return compiled, seconds, _counted(lowered, compiled) if count_all_buffers else _memory_dict(compiled)
 
 
@@ -237,8 +239,12 @@ def counted_memory(fn: Callable, *args) -> dict:
   return _counted(jax.jit(fn).lower(*args))
 
 
-# FLOPs of each program compiled by compile_fn: its lowered HLO's count on CPU, ``_cpu_flops`` on a GPU/TPU.
-_LOWERED_FLOPS: "weakref.WeakKeyDictionary[Any, float]" = weakref.WeakKeyDictionary()
+# On a GPU/TPU: for each program compiled by compile_fn, how to count its FLOPs (``_cpu_flops``), run on demand.
+_FLOPS_LATER: "weakref.WeakKeyDictionary[Any, Callable[[], float]]" = weakref.WeakKeyDictionary()
+
+
+def _is_array(a) -> bool:
+  return hasattr(a, "shape") and hasattr(a, "dtype")
 
 
 def _flops(analysis) -> float:
@@ -254,7 +260,7 @@ def _cpu_flops(fn: Callable, args) -> float:
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
 
   def on_cpu(a):
-    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu) if hasattr(a, "shape") and hasattr(a, "dtype") else a
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu) if _is_array(a) else a
   try:
     return _flops(jax.jit(fn).lower(*jax.tree.map(on_cpu, args)).cost_analysis())
   except Exception as e:  # say so rather than report a wrong count
@@ -266,8 +272,8 @@ def flops_of(compiled) -> float:
   """XLA's FLOP count of a function (2·M·N·K per matmul plus elementwise ops). For programs from ``compile_fn`` on
   a GPU/TPU it is XLA:CPU's count of the same traced program (``_cpu_flops``); on CPU the compiled program's count
   (equal to the lowered HLO's)."""
-  if compiled in _LOWERED_FLOPS:
-    return _LOWERED_FLOPS[compiled]
+  if compiled in _FLOPS_LATER:
+    return _FLOPS_LATER[compiled]()
   return _flops(compiled.cost_analysis())
 
 

@@ -185,14 +185,18 @@ def test_efficiency_tokens_and_sections(tmp_path):
   assert rows and {r["section"] for r in rows} == {"memory only"}
 
 
-def test_flops_are_counted_on_the_lowered_program():
-  """compile_fn records XLA's FLOPs of what it compiles: 2·M·N·K for a matmul, and on an accelerator the count
+def test_flops_are_counted_on_the_lowered_program(monkeypatch):
+  """flops_of gives XLA's FLOPs of what compile_fn compiled: 2·M·N·K for a matmul, and on an accelerator the count
   of the same trace lowered for the host CPU (_cpu_flops) — checked here against the hand count too."""
+  from experiments import bench_common
   from experiments.bench_common import _cpu_flops, compile_fn, flops_of
   a, b = jnp.ones((64, 96)), jnp.ones((96, 32))
   compiled, _, _ = compile_fn(jnp.dot, a, b)
   assert flops_of(compiled) == 2 * 64 * 96 * 32
   assert _cpu_flops(jnp.dot, (a, b)) == 2 * 64 * 96 * 32
+  monkeypatch.setattr(bench_common, "on_accelerator", lambda: True)  # the GPU/TPU path: counted on demand
+  compiled, _, _ = compile_fn(jnp.dot, a, b)
+  assert compiled in bench_common._FLOPS_LATER and flops_of(compiled) == 2 * 64 * 96 * 32
   # a pytree argument with a non-array leaf (as an optimizer state may hold) lowers too
   assert _cpu_flops(lambda t: t["a"] @ t["b"] * t["s"], ({"a": a, "b": b, "s": 2.0},)) >= 2 * 64 * 96 * 32
 
