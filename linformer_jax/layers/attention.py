@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from linformer_jax._validate import check_choice, check_int, check_length, check_mask, check_rate
+from linformer_jax.layers.dense import flat_dot_general
 from linformer_jax.layers.projections import PROJECTIONS, SeqProjection
 from linformer_jax.remat import REMAT_POLICIES, map_heads
 
@@ -149,7 +150,7 @@ class _MultiHead(nn.Module):
 
   def _dense(self, features, name, axis=-1, use_bias=False):
     return nn.DenseGeneral(features, axis=axis, use_bias=use_bias, dtype=self.dtype,
-                           param_dtype=self.param_dtype, name=name)
+                           param_dtype=self.param_dtype, dot_general=flat_dot_general, name=name)
 
   def _qkv(self, x, context):
     """x: (b, t, dim) → q (b, t, h, d_h); context: (b, s, dim_c) → k, v (b, s, h, d_h)."""

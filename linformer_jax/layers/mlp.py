@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from linformer_jax._validate import check_bool, check_choice, check_int, check_rate
+from linformer_jax.layers.dense import flat_dot_general
 from linformer_jax.remat import REMAT_POLICIES, checkpoint_policy
 
 _SQRT_HALF = 0.7071067811865476  # 1/√2
@@ -68,7 +69,7 @@ class FeedForward(nn.Module):
     """The network on x (..., dim), its submodules created on ``block`` (self, or self inside a lifted
     transform) with explicit names, so the parameter tree is the same with and without chunks."""
     dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-                                     parent=block)
+                                     dot_general=flat_dot_general, parent=block)
     drop = lambda y: nn.Dropout(self.dropout, parent=block)(y, deterministic=deterministic)
     h = drop(ACTIVATIONS[self.activation](dense(self.dim_ff, "wi")(x)))
     return drop(dense(x.shape[-1], "wo")(h))

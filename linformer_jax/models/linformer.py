@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from linformer_jax._validate import (check_bool, check_choice, check_int, check_length, check_mask,
                                      check_rate)
 from linformer_jax.layers.attention import SHARING, FullSelfAttention, LinformerSelfAttention
+from linformer_jax.layers.dense import flat_dot_general
 from linformer_jax.layers.embeddings import POS_EMBS, TokenEmbedder
 from linformer_jax.layers.mlp import ACTIVATIONS, FeedForward
 from linformer_jax.layers.projections import CONSTANTS, PROJECTIONS, SeqProjection
@@ -313,7 +314,8 @@ class LinformerLM(LinformerFields, kw_only=True):
     x = Linformer(**self.encoder_fields(), name="encoder")(x, mask, deterministic)
     if self.tie_embeddings:
       return embed.attend(x)
-    return nn.Dense(self.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x)
+    return nn.Dense(self.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                    dot_general=flat_dot_general, name="head")(x)
 
 
 class LinformerClassifier(LinformerFields, kw_only=True):
@@ -445,7 +447,7 @@ class LinformerEncDec(LinformerFields, kw_only=True):
                       remat_policy=self.remat_policy, **kw)
         for i in range(depth)]
     self.decoder_ln = nn.LayerNorm(epsilon=self.layer_norm_eps, **kw) if self.norm == "pre" else None
-    self.logits = nn.Dense(self.target_vocab_size or self.vocab_size, **kw)
+    self.logits = nn.Dense(self.target_vocab_size or self.vocab_size, dot_general=flat_dot_general, **kw)
     self.drop = nn.Dropout(self.dropout)
 
   def encode(self, src, src_mask=None, deterministic: bool = True):

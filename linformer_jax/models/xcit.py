@@ -24,6 +24,7 @@ import numpy as np
 from linformer_jax._validate import check_choice, check_int, check_rate
 from linformer_jax.layers.attention import FullSelfAttention
 from linformer_jax.layers.conv import DepthwiseConv2D
+from linformer_jax.layers.dense import flat_dot_general
 from linformer_jax.layers.drop_path import DropPath
 from linformer_jax.layers.mlp import FeedForward, exact_gelu
 from linformer_jax.models.image_classifier import TokenClassifier, check_images
@@ -70,7 +71,8 @@ class XCA(nn.Module):
     h = self.num_heads
     if c % h:
       raise ValueError(f"embed_dim={c} is not divisible by num_heads={h}.")
-    qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, kernel_init=dense_init, name="qkv")(x)
+    qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, kernel_init=dense_init, dot_general=flat_dot_general,
+                   name="qkv")(x)
     q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, h, c // h), 2, 0)  # each (b, N, h, d_h)
     temperature = (self.param("temperature", nn.initializers.ones, (h,)) if self.learnable_temperature
                    else jnp.ones((h,), x.dtype))
@@ -87,7 +89,8 @@ class XCA(nn.Module):
       out, attn = xca_core(q, k, v, temperature, self.normalize_qk, rate, rng)
       if sow:
         self.sow("intermediates", "attention_weights", attn)
-    out = nn.Dense(c, kernel_init=dense_init, name="proj")(out.reshape(b, n, c))  # channel = h·d_h + i
+    out = nn.Dense(c, kernel_init=dense_init, dot_general=flat_dot_general,
+                   name="proj")(out.reshape(b, n, c))  # channel = h·d_h + i
     return nn.Dropout(self.dropout)(out, deterministic=deterministic)
 
 
@@ -178,7 +181,7 @@ class FourierPositionalEncoding(nn.Module):
   @nn.compact
   def __call__(self, grid: tuple[int, int]) -> jax.Array:
     feats = jnp.asarray(fourier_features(*grid, self.hidden_dim, self.temperature))
-    return nn.Dense(self.dim, name="token_projection")(feats)
+    return nn.Dense(self.dim, dot_general=flat_dot_general, name="token_projection")(feats)
 
 
 class XCABlock(nn.Module):
