@@ -75,6 +75,40 @@ def attention_weights(q: jax.Array, k: jax.Array, *, key_mask: Optional[jax.Arra
   return softmax_last(logits)
 
 
+CPU_SCORES_BLOCK_BYTES = 2 * 2**20  # largest (t, s) score block per batch row and head computed at once on CPU
+CPU_MIN_BLOCK_ROWS = 512  # fewest queries per block
+
+
+def query_chunks(q_shape, s: int, dtype) -> int:
+  """How many blocks of queries the CPU attention core runs one after another (1 = all at once).
+
+  XLA:CPU fuses q·kᵀ → softmax → ·v into one kernel; once one head's (t, s) scores outgrow the caches it slows
+  down superlinearly (Linformer core, batch 1, 4 heads, s = k = 128, forward: 3.4 ms at t = 4096, 55 ms at
+  t = 16384, 13 ms in blocks of 4096 queries; fwd+bwd at t = 8192: 45 → 27 ms — docs/benchmarks.md §2). Queries are independent, so ``softmax_attention`` runs blocks of
+  them in a ``lax.map`` when one head's scores exceed ``CPU_SCORES_BLOCK_BYTES`` and there are at most t/4 keys (the
+  low-rank n × k core; for full n × n attention, whose fused kernel streams long rows, blocks were 10–40 % slower).
+  Returns the smallest number of equal blocks that brings one block under the limit, each of at least
+  ``CPU_MIN_BLOCK_ROWS`` queries (else the most blocks that size allows); 1 if t has no such divisor, or off the CPU.
+  """
+  if jax.default_backend() != "cpu":
+    return 1
+  b, t, h, _ = q_shape
+  total = t * s * jnp.dtype(dtype).itemsize  # one (batch row, head)
+  if total <= CPU_SCORES_BLOCK_BYTES or 4 * s > t:  # only with few keys (s <= t/4): the low-rank (n × k) core
+    return 1
+  usable = [c for c in range(2, t // CPU_MIN_BLOCK_ROWS + 1) if t % c == 0]  # blocks of >= CPU_MIN_BLOCK_ROWS
+  for chunks in usable:
+    if total // chunks <= CPU_SCORES_BLOCK_BYTES:
+      return chunks
+  return usable[-1] if usable else 1
+
+
+def _einsum_attention(q, k, v, key_mask=None, is_causal=False):
+  """softmax(q kᵀ / sqrt(d)) v with heads-first einsums (the CPU path), shapes as ``softmax_attention``."""
+  weights = attention_weights(q, k, key_mask=key_mask, is_causal=is_causal)
+  return _heads_first(jnp.einsum("bhts,bhsd->bhtd", weights.astype(v.dtype), _heads_first(v)))
+
+
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: Optional[jax.Array] = None,
                       is_causal: bool = False, dropout_rate: float = 0.0,
                       dropout_rng: Optional[jax.Array] = None, sow=None,
@@ -84,7 +118,8 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: Opt
   q: (batch, t, heads, d); k, v: (batch, s, heads, d); key_mask: (batch, s) bool, True = attend.
   Without dropout and without ``sow`` this is the fused ``jax.nn.dot_product_attention`` on GPU/TPU; on CPU,
   where that call lowers to a generic composition, two heads-first einsums are faster (train step of the
-  roofline config −16 %, docs/benchmarks.md). Attention-weight dropout and ``sow`` (a callable receiving the
+  roofline config −16 %, docs/benchmarks.md), run on blocks of queries when the scores are large (``query_chunks``;
+  not with ``is_causal``). Attention-weight dropout and ``sow`` (a callable receiving the
   (batch, heads, t, s) weights, for attention maps) need the weights, so then they are written out. ``head_remat_policy`` (level C2): one head at a time under
   ``jax.checkpoint`` with that policy (not combined with ``sow``, which needs all heads' weights).
   """
@@ -95,9 +130,17 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: Opt
     one_head = lambda qh, kh, vh, key=None: softmax_attention(
         qh, kh, vh, key_mask=key_mask, is_causal=is_causal, dropout_rate=dropout_rate, dropout_rng=key)
     return map_heads(one_head, head_remat_policy, q, k, v, extra=keys)
-  if (dropout_rate == 0.0 or dropout_rng is None) and sow is None and jax.default_backend() != "cpu":
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+  if (dropout_rate == 0.0 or dropout_rng is None) and sow is None:  # no weights needed outside
+    if jax.default_backend() != "cpu":
+      mask = None if key_mask is None else key_mask[:, None, None, :]
+      return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+    chunks = 1 if is_causal else query_chunks(q.shape, k.shape[1], q.dtype)
+    if chunks == 1:
+      return _einsum_attention(q, k, v, key_mask, is_causal)
+    b, t, h, d = q.shape  # large (t, s) scores on CPU: one block of queries at a time (see query_chunks)
+    blocks = jnp.moveaxis(q.reshape(b, chunks, t // chunks, h, d), 1, 0)
+    out = jax.lax.map(lambda qc: _einsum_attention(qc, k, v, key_mask), blocks)
+    return jnp.moveaxis(out, 0, 1).reshape(b, t, h, v.shape[-1])
   weights = attention_weights(q, k, key_mask=key_mask, is_causal=is_causal)
   if sow is not None:
     sow(weights)

@@ -348,3 +348,49 @@ def test_full_attention_gradients_match_numpy():
           np.einsum("bhts,bhtd->bhsd", p, w64)]
   for got, ref in zip((gq, gk, gv), want):
     np.testing.assert_allclose(got, np.swapaxes(ref, 1, 2), atol=1e-5)
+
+
+def test_query_chunks_rule():
+  """Blocks only on CPU, only for few keys (s <= t/4), only past the per-head score limit, blocks >= min rows."""
+  from linformer_jax.layers.attention import CPU_MIN_BLOCK_ROWS, CPU_SCORES_BLOCK_BYTES, query_chunks
+  assert CPU_SCORES_BLOCK_BYTES == 2 * 2**20 and CPU_MIN_BLOCK_ROWS == 512
+  f32 = jnp.float32
+  assert query_chunks((1, 16384, 4, 16), 128, f32) == 4    # 8 MiB per head → 4 blocks of 4096 queries
+  assert query_chunks((1, 8192, 4, 16), 128, f32) == 2
+  assert query_chunks((1, 4096, 4, 16), 128, f32) == 1     # 2 MiB: at the limit
+  assert query_chunks((1, 16384, 4, 16), 16384, f32) == 1  # full n × n attention: never
+  assert query_chunks((1, 4096, 4, 16), 2048, f32) == 1    # s > t/4
+  assert query_chunks((1, 2048, 4, 16), 512, f32) == 2     # 4 MiB → 2 blocks of 1024
+  assert query_chunks((8, 1024, 8, 64), 256, f32) == 1     # 1 MiB per head (batch and heads do not count)
+  assert query_chunks((1, 8192, 4, 16), 2048, f32) == 16   # 64 MiB would need 32; blocks stay >= 512 queries
+  assert query_chunks((1, 16381, 4, 16), 128, f32) == 1    # prime t: no equal blocks
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_blocked_attention_matches_numpy(monkeypatch, use_mask):
+  """With small limits the CPU core runs query blocks in a loop; values and gradients equal float64 numpy."""
+  import linformer_jax.layers.attention as attention
+  monkeypatch.setattr(attention, "CPU_SCORES_BLOCK_BYTES", 64)
+  monkeypatch.setattr(attention, "CPU_MIN_BLOCK_ROWS", 2)
+  rng = np.random.default_rng(2)
+  q = rng.normal(size=(2, 12, 2, 4)).astype(np.float32)
+  k, v = (rng.normal(size=(2, 3, 2, 4)).astype(np.float32) for _ in range(2))
+  w = rng.normal(size=(2, 12, 2, 4)).astype(np.float32)
+  mask = np.array([[True, False, True], [True, True, False]]) if use_mask else None
+  assert attention.query_chunks(q.shape, 3, jnp.float32) == 3  # 12·3·4 B = 144 > 64 → 3 blocks of 4 (48 B)
+  loss = lambda q, k, v: jnp.sum(w * attention.softmax_attention(q, k, v, key_mask=mask))
+  assert "scan" in str(jax.make_jaxpr(loss)(q, k, v))  # the blocked path ran
+  q64, k64, v64, w64 = (np.swapaxes(a.astype(np.float64), 1, 2) for a in (q, k, v, w))  # (b, h, n, d)
+  s = np.einsum("bhtd,bhsd->bhts", q64, k64) / 2.0
+  if use_mask:
+    s = np.where(mask[:, None, None, :], s, -1e30)
+  p = np_softmax(s)
+  out = np.einsum("bhts,bhsd->bhtd", p, v64)
+  np.testing.assert_allclose(attention.softmax_attention(q, k, v, key_mask=mask), np.swapaxes(out, 1, 2), atol=1e-5)
+  gq, gk, gv = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  dp = np.einsum("bhtd,bhsd->bhts", w64, v64)
+  ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+  want = [np.einsum("bhts,bhsd->bhtd", ds, k64) / 2.0, np.einsum("bhts,bhtd->bhsd", ds, q64) / 2.0,
+          np.einsum("bhts,bhtd->bhsd", p, w64)]
+  for got, ref in zip((gq, gk, gv), want):
+    np.testing.assert_allclose(got, np.swapaxes(ref, 1, 2), atol=1e-5)
