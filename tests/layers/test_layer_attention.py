@@ -28,6 +28,22 @@ def np_softmax(s):
   return e / e.sum(-1, keepdims=True)
 
 
+def np_attention_and_grads(q, k, v, w, key_mask=None):
+  """float64 softmax(q kᵀ/√d) v and the gradients of Σ w ⊙ it w.r.t. q, k, v (chain rule by hand); (b, n, h, d)."""
+  q64, k64, v64, w64 = (np.swapaxes(np.asarray(a, np.float64), 1, 2) for a in (q, k, v, w))  # (b, h, n, d)
+  scale = 1.0 / math.sqrt(q64.shape[-1])
+  s = np.einsum("bhtd,bhsd->bhts", q64, k64) * scale
+  if key_mask is not None:
+    s = np.where(np.asarray(key_mask)[:, None, None, :], s, -1e30)
+  p = np_softmax(s)
+  dp = np.einsum("bhtd,bhsd->bhts", w64, v64)
+  ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+  grads = [np.einsum("bhts,bhsd->bhtd", ds, k64) * scale, np.einsum("bhts,bhtd->bhsd", ds, q64) * scale,
+           np.einsum("bhts,bhtd->bhsd", p, w64)]
+  back = lambda a: np.swapaxes(a, 1, 2)
+  return back(np.einsum("bhts,bhsd->bhtd", p, v64)), [back(g) for g in grads]
+
+
 def np_weights(p):
   """Q/K/V/out weights as float64 numpy: Wq/Wk/Wv (dim, h, d), Wo (h, d, out), bo (out,)."""
   f = lambda a: np.asarray(a, np.float64)
@@ -339,15 +355,9 @@ def test_full_attention_gradients_match_numpy():
   q, k, v = (rng.normal(size=(2, 6, 2, 4)).astype(np.float32) for _ in range(3))
   w = rng.normal(size=(2, 6, 2, 4)).astype(np.float32)
   gq, gk, gv = jax.grad(lambda q, k, v: jnp.sum(w * softmax_attention(q, k, v)), argnums=(0, 1, 2))(q, k, v)
-  q64, k64, v64, w64 = (np.swapaxes(a.astype(np.float64), 1, 2) for a in (q, k, v, w))  # (b, h, n, d)
-  s = np.einsum("bhtd,bhsd->bhts", q64, k64) / 2.0
-  p = np_softmax(s)
-  dp = np.einsum("bhtd,bhsd->bhts", w64, v64)
-  ds = p * (dp - (dp * p).sum(-1, keepdims=True))
-  want = [np.einsum("bhts,bhsd->bhtd", ds, k64) / 2.0, np.einsum("bhts,bhtd->bhsd", ds, q64) / 2.0,
-          np.einsum("bhts,bhtd->bhsd", p, w64)]
+  _, want = np_attention_and_grads(q, k, v, w)
   for got, ref in zip((gq, gk, gv), want):
-    np.testing.assert_allclose(got, np.swapaxes(ref, 1, 2), atol=1e-5)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
 def test_query_chunks_rule():
@@ -380,17 +390,8 @@ def test_blocked_attention_matches_numpy(monkeypatch, use_mask):
   assert attention.query_chunks(q.shape, 3, jnp.float32) == 3  # 12·3·4 B = 144 > 64 → 3 blocks of 4 (48 B)
   loss = lambda q, k, v: jnp.sum(w * attention.softmax_attention(q, k, v, key_mask=mask))
   assert "scan" in str(jax.make_jaxpr(loss)(q, k, v))  # the blocked path ran
-  q64, k64, v64, w64 = (np.swapaxes(a.astype(np.float64), 1, 2) for a in (q, k, v, w))  # (b, h, n, d)
-  s = np.einsum("bhtd,bhsd->bhts", q64, k64) / 2.0
-  if use_mask:
-    s = np.where(mask[:, None, None, :], s, -1e30)
-  p = np_softmax(s)
-  out = np.einsum("bhts,bhsd->bhtd", p, v64)
-  np.testing.assert_allclose(attention.softmax_attention(q, k, v, key_mask=mask), np.swapaxes(out, 1, 2), atol=1e-5)
+  out, want = np_attention_and_grads(q, k, v, w, mask)
+  np.testing.assert_allclose(attention.softmax_attention(q, k, v, key_mask=mask), out, atol=1e-5)
   gq, gk, gv = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-  dp = np.einsum("bhtd,bhsd->bhts", w64, v64)
-  ds = p * (dp - (dp * p).sum(-1, keepdims=True))
-  want = [np.einsum("bhts,bhsd->bhtd", ds, k64) / 2.0, np.einsum("bhts,bhtd->bhsd", ds, q64) / 2.0,
-          np.einsum("bhts,bhtd->bhsd", p, w64)]
   for got, ref in zip((gq, gk, gv), want):
-    np.testing.assert_allclose(got, np.swapaxes(ref, 1, 2), atol=1e-5)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
