@@ -75,7 +75,7 @@ def attention_weights(q: jax.Array, k: jax.Array, *, key_mask: Optional[jax.Arra
   return softmax_last(logits)
 
 
-CPU_SCORES_BLOCK_BYTES = 2 * 2**20  # largest (t, s) score block per batch row and head computed at once on CPU
+CPU_SCORES_BLOCK_BYTES = 2 * 2**20  # largest (t, s) scores of one (batch row, head) computed at once on CPU
 CPU_MIN_BLOCK_ROWS = 512  # fewest queries per block
 
 
@@ -84,16 +84,17 @@ def query_chunks(q_shape, s: int, dtype) -> int:
 
   XLA:CPU fuses q·kᵀ → softmax → ·v into one kernel; once one head's (t, s) scores outgrow the caches it slows
   down superlinearly (Linformer core, batch 1, 4 heads, s = k = 128, forward: 3.4 ms at t = 4096, 55 ms at
-  t = 16384, 13 ms in blocks of 4096 queries; fwd+bwd at t = 8192: 45 → 27 ms — docs/benchmarks.md §2). Queries are independent, so ``softmax_attention`` runs blocks of
-  them in a ``lax.map`` when one head's scores exceed ``CPU_SCORES_BLOCK_BYTES`` and there are at most t/4 keys (the
-  low-rank n × k core; for full n × n attention, whose fused kernel streams long rows, blocks were 10–40 % slower).
+  t = 16384, 13 ms in blocks of 4096 queries; fwd+bwd at t = 8192: 45 → 27 ms — docs/benchmarks.md §2).
+  Queries are independent, so ``softmax_attention`` runs blocks of them in a ``lax.map`` when one head's scores
+  exceed ``CPU_SCORES_BLOCK_BYTES`` and there are at most t/4 keys (the low-rank n × k core; for full n × n
+  attention, whose fused kernel streams long rows, blocks were 10–40 % slower).
   Returns the smallest number of equal blocks that brings one block under the limit, each of at least
   ``CPU_MIN_BLOCK_ROWS`` queries (else the most blocks that size allows); 1 if t has no such divisor, or off the CPU.
   """
   if jax.default_backend() != "cpu":
     return 1
-  b, t, h, _ = q_shape
-  total = t * s * jnp.dtype(dtype).itemsize  # one (batch row, head)
+  t = q_shape[1]  # q: (batch, t, heads, d)
+  total = t * s * jnp.dtype(dtype).itemsize  # the scores of one (batch row, head)
   if total <= CPU_SCORES_BLOCK_BYTES or 4 * s > t:  # only with few keys (s <= t/4): the low-rank (n × k) core
     return 1
   usable = [c for c in range(2, t // CPU_MIN_BLOCK_ROWS + 1) if t % c == 0]  # blocks of >= CPU_MIN_BLOCK_ROWS

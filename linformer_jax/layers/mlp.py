@@ -15,13 +15,13 @@ _SQRT_HALF = 0.7071067811865476  # 1/√2
 
 
 def exact_gelu(x: jax.Array) -> jax.Array:
-  """GELU(x) = x·Φ(x) = ½·x·(1 + erf(x/√2)): the exact (erf) GELU, written as torch's CPU kernel writes it.
+  """GELU(x) = x·Φ(x) = ½·x·(1 + erf(x/√2)): the exact (erf) GELU, by the formula of torch's CPU kernel.
 
   Same function as ``jax.nn.gelu(x, approximate=False)``, which evaluates ½·x·erfc(−x/√2); XLA:CPU computes erf
   about twice as fast as erfc (forward and backward of the FF activation). The two agree to ~1e-6 absolute; the erf
-  form loses relative precision only where |GELU(x)| < 1e-5 (x < −4.4), as torch's does. Written as h + h·erf(x/√2) with
-  h = x/2: one scalar constant fewer for XLA:CPU's fused kernels, which take each scalar as a full (tokens, dim_ff)
-  array (Linformer forward at n = 16384 −4 %, docs/benchmarks.md §2).
+  form loses relative precision only where |GELU(x)| < 1e-5 (x < −4.4), as torch's does. Written as
+  h + h·erf(x/√2) with h = x/2: one scalar constant fewer for XLA:CPU's fused kernels, which take each scalar as
+  a full (tokens, dim_ff) array (Linformer forward at n = 16384 −4 %, docs/benchmarks.md §2).
   """
   half = 0.5 * x
   return half + half * jax.lax.erf(x * _SQRT_HALF)

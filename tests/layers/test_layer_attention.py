@@ -29,7 +29,9 @@ def np_softmax(s):
 
 
 def np_attention_and_grads(q, k, v, w, key_mask=None):
-  """float64 softmax(q kᵀ/√d) v and the gradients of Σ w ⊙ it w.r.t. q, k, v (chain rule by hand); (b, n, h, d)."""
+  """float64 softmax(q kᵀ/√d) v and the gradients of Σ w ⊙ it w.r.t. q, k, v (chain rule by hand).
+
+  All arrays (batch, n, heads, d); key_mask (batch, s) bool."""
   q64, k64, v64, w64 = (np.swapaxes(np.asarray(a, np.float64), 1, 2) for a in (q, k, v, w))  # (b, h, n, d)
   scale = 1.0 / math.sqrt(q64.shape[-1])
   s = np.einsum("bhtd,bhsd->bhts", q64, k64) * scale
