@@ -188,6 +188,15 @@ def _memory_rise(torch, device: str, fn) -> dict:
   return {"device_peak_rise_bytes": torch.cuda.max_memory_allocated() - base}
 
 
+def _measure(torch, spec: dict, mode: str, fn) -> dict:
+  """First-run memory (``_memory_rise``) and median time of ``fn`` on the spec's device, keys prefixed by mode."""
+  device = spec.get("device", "cpu")
+  fn = _synced(torch, device, fn)
+  res = {f"{mode}_{key}": v for key, v in _memory_rise(torch, device, fn).items()}
+  res[f"{mode}_time_s"] = median_seconds(fn, spec["repeats"], spec["warmup"])
+  return res
+
+
 def _sequence_task(torch, spec: dict) -> dict:
   n, dim, batch = spec["n"], spec["dim"], spec["batch"]
   device = spec.get("device", "cpu")
@@ -221,9 +230,7 @@ def _sequence_task(torch, spec: dict) -> dict:
   for mode, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
     if mode not in spec.get("modes", ("fwd", "fwdbwd")):
       continue
-    fn = _synced(torch, device, fn)
-    res.update({f"{mode}_{key}": v for key, v in _memory_rise(torch, device, fn).items()})
-    res[f"{mode}_time_s"] = median_seconds(fn, spec["repeats"], spec["warmup"])
+    res.update(_measure(torch, spec, mode, fn))
     if mode == "fwdbwd":
       model.train()
       res["saved_for_backward_bytes"], _ = _saved_bytes(torch, lambda: model(x))
@@ -245,11 +252,8 @@ def _timm_task(torch, spec: dict) -> dict:
     with torch.no_grad():
       return model(x)
 
-  fwd = _synced(torch, device, fwd)
-  res = {"params": sum(p.numel() for p in model.parameters()), "timm": timm.__version__}
-  res.update({f"fwd_{key}": v for key, v in _memory_rise(torch, device, fwd).items()})
-  res["fwd_time_s"] = median_seconds(fwd, spec["repeats"], spec["warmup"])
-  return res
+  return {"params": sum(p.numel() for p in model.parameters()), "timm": timm.__version__,
+          **_measure(torch, spec, "fwd", fwd)}
 
 
 def worker(spec: dict) -> dict:

@@ -106,7 +106,11 @@ def query_chunks(q_shape, s: int, dtype) -> int:
 
 def _einsum_attention(q, k, v, key_mask=None, is_causal=False):
   """softmax(q kᵀ / sqrt(d)) v with heads-first einsums (the CPU path), shapes as ``softmax_attention``."""
-  weights = attention_weights(q, k, key_mask=key_mask, is_causal=is_causal)
+  return _attend(attention_weights(q, k, key_mask=key_mask, is_causal=is_causal), v)
+
+
+def _attend(weights, v):
+  """Σ_s weights · v: weights (batch, heads, t, s), v (batch, s, heads, d) → (batch, t, heads, d)."""
   return _heads_first(jnp.einsum("bhts,bhsd->bhtd", weights.astype(v.dtype), _heads_first(v)))
 
 
@@ -148,7 +152,7 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: Opt
   if dropout_rate > 0.0 and dropout_rng is not None:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
     weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-  return _heads_first(jnp.einsum("bhts,bhsd->bhtd", weights.astype(v.dtype), _heads_first(v)))
+  return _attend(weights, v)
 
 
 class _MultiHead(nn.Module):
