@@ -75,33 +75,48 @@ def attention_weights(q: jax.Array, k: jax.Array, *, key_mask: Optional[jax.Arra
   return softmax_last(logits)
 
 
-CPU_SCORES_BLOCK_BYTES = 2 * 2**20  # largest (t, s) scores of one (batch row, head) computed at once on CPU
-CPU_MIN_BLOCK_ROWS = 512  # fewest queries per block
+CPU_SCORES_BLOCK_BYTES = 2 * 2**20  # one (batch row, head)'s (t, s) scores above this: queries run in blocks on CPU
+CPU_BLOCK_BYTES_PER_HEAD_DIM = 32 * 2**10  # a block's scores per head: this × head dim (512 KiB at d = 16)
+CPU_MIN_BLOCK_ROWS = 16  # fewest queries per block
 
 
-def query_chunks(q_shape, s: int, dtype) -> int:
-  """How many blocks of queries the CPU attention core runs one after another (1 = all at once).
+def query_block_rows(q_shape, s: int, dtype) -> int:
+  """How many queries one block of the CPU attention core holds (``t`` = all at once, no blocks).
 
-  XLA:CPU fuses q·kᵀ → softmax → ·v into one kernel; once one head's (t, s) scores outgrow the caches it slows
-  down superlinearly (Linformer core, batch 1, 4 heads, s = k = 128, forward: 3.4 ms at t = 4096, 55 ms at
-  t = 16384, 13 ms in blocks of 4096 queries; fwd+bwd at t = 8192: 45 → 27 ms — docs/benchmarks.md §2).
-  Queries are independent, so ``softmax_attention`` runs blocks of them in a ``lax.map`` when one head's scores
-  exceed ``CPU_SCORES_BLOCK_BYTES`` and there are at most t/4 keys (the low-rank n × k core; for full n × n
-  attention, whose fused kernel streams long rows, blocks were 10–40 % slower).
-  Returns the smallest number of equal blocks that brings one block under the limit, each of at least
-  ``CPU_MIN_BLOCK_ROWS`` queries (else the most blocks that size allows); 1 if t has no such divisor, or off the CPU.
+  XLA:CPU fuses q·kᵀ → softmax → ·v into one kernel, and it slows down superlinearly once one head's (t, s)
+  scores outgrow the caches; its gradient also keeps every (t, s) weight for the backward pass. Queries are
+  independent, so ``softmax_attention`` runs blocks of them in a ``lax.map`` under ``jax.checkpoint`` (each block's
+  weights are recomputed in the backward pass, never stored whole) when one head's scores exceed
+  ``CPU_SCORES_BLOCK_BYTES``. A block's scores take ``CPU_BLOCK_BYTES_PER_HEAD_DIM`` × d bytes per head (larger
+  heads do more work per score): full attention, d = 16, n = 4096: blocks of 32 queries, forward 270 → 122 ms,
+  fwd+bwd 1022 → 595 ms, temp 514 → 52 MiB; d = 64: blocks of 128; the Linformer core (s = k = 128, d = 16,
+  t = 16384): blocks of 1024, forward 50 → 13 ms, fwd+bwd 88 → 50 ms (one core, docs/benchmarks.md §2).
+  q_shape: (batch, t, heads, d); s: number of keys; dtype: the scores' dtype. Off the CPU: t.
   """
-  if jax.default_backend() != "cpu":
-    return 1
-  t = q_shape[1]  # q: (batch, t, heads, d)
-  total = t * s * jnp.dtype(dtype).itemsize  # the scores of one (batch row, head)
-  if total <= CPU_SCORES_BLOCK_BYTES or 4 * s > t:  # only with few keys (s <= t/4): the low-rank (n × k) core
-    return 1
-  usable = [c for c in range(2, t // CPU_MIN_BLOCK_ROWS + 1) if t % c == 0]  # blocks of >= CPU_MIN_BLOCK_ROWS
-  for chunks in usable:
-    if total // chunks <= CPU_SCORES_BLOCK_BYTES:
-      return chunks
-  return usable[-1] if usable else 1
+  t, d = q_shape[1], q_shape[-1]
+  itemsize = jnp.dtype(dtype).itemsize
+  if jax.default_backend() != "cpu" or t * s * itemsize <= CPU_SCORES_BLOCK_BYTES:
+    return t
+  rows = max(CPU_MIN_BLOCK_ROWS, CPU_BLOCK_BYTES_PER_HEAD_DIM * d // (s * itemsize))
+  return min(t, rows)
+
+
+def _blocked_attention(q, k, v, key_mask, rows: int):
+  """``_einsum_attention`` one batch row and one block of ``rows`` queries at a time (q zero-padded to a multiple
+  of ``rows``, the pad cut off after), each block under ``jax.checkpoint``; shapes as ``softmax_attention``."""
+  b, t, h, d = q.shape
+  chunks = -(-t // rows)
+  q = jnp.pad(q, ((0, 0), (0, chunks * rows - t), (0, 0), (0, 0))).reshape(b, chunks, 1, rows, h, d)
+  k, v = k[:, None], v[:, None]  # (b, 1, s, h, d): one batch row at a time
+  key_mask = None if key_mask is None else key_mask[:, None]
+
+  def one_row(row):
+    q_row, k_row, v_row, mask_row = row
+    one_block = jax.checkpoint(lambda qc: _einsum_attention(qc, k_row, v_row, mask_row))
+    return jax.lax.map(one_block, q_row)  # (chunks, 1, rows, h, d_v)
+
+  out = jax.lax.map(one_row, (q, k, v, key_mask))
+  return out.reshape(b, chunks * rows, h, v.shape[-1])[:, :t]
 
 
 def _einsum_attention(q, k, v, key_mask=None, is_causal=False):
@@ -123,7 +138,7 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: Opt
   q: (batch, t, heads, d); k, v: (batch, s, heads, d); key_mask: (batch, s) bool, True = attend.
   Without dropout and without ``sow`` this is the fused ``jax.nn.dot_product_attention`` on GPU/TPU; on CPU,
   where that call lowers to a generic composition, two heads-first einsums are faster (train step of the
-  roofline config −16 %, docs/benchmarks.md), run on blocks of queries when the scores are large (``query_chunks``;
+  roofline config −16 %, docs/benchmarks.md), run on blocks of queries when the scores are large (``query_block_rows``;
   not with ``is_causal``). Attention-weight dropout and ``sow`` (a callable receiving the
   (batch, heads, t, s) weights, for attention maps) need the weights, so then they are written out. ``head_remat_policy`` (level C2): one head at a time under
   ``jax.checkpoint`` with that policy (not combined with ``sow``, which needs all heads' weights).
@@ -139,13 +154,10 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: Opt
     if jax.default_backend() != "cpu":
       mask = None if key_mask is None else key_mask[:, None, None, :]
       return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
-    chunks = 1 if is_causal else query_chunks(q.shape, k.shape[1], q.dtype)
-    if chunks == 1:
+    rows = q.shape[1] if is_causal else query_block_rows(q.shape, k.shape[1], q.dtype)
+    if rows == q.shape[1]:
       return _einsum_attention(q, k, v, key_mask, is_causal)
-    b, t, h, d = q.shape  # large (t, s) scores on CPU: one block of queries at a time (see query_chunks)
-    blocks = jnp.moveaxis(q.reshape(b, chunks, t // chunks, h, d), 1, 0)
-    out = jax.lax.map(lambda qc: _einsum_attention(qc, k, v, key_mask), blocks)
-    return jnp.moveaxis(out, 0, 1).reshape(b, t, h, v.shape[-1])
+    return _blocked_attention(q, k, v, key_mask, rows)  # large (t, s) scores on CPU (see query_block_rows)
   weights = attention_weights(q, k, key_mask=key_mask, is_causal=is_causal)
   if sow is not None:
     sow(weights)

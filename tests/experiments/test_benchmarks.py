@@ -49,11 +49,14 @@ def test_efficiency(tmp_path):
   assert memory_only and all(r.get("time_full_s") is None and r["mem_saved"] > 1 for r in memory_only)
 
 
-def test_counted_memory_includes_the_attention_scores():
-  """Full attention must hold one head's n × n scores at some point: the counted temp bytes cover at least that
-  (on CPU the fused program's own memory_analysis() may not: YNNPACK fusions keep them outside XLA's count)."""
+def test_counted_memory_includes_the_attention_scores(monkeypatch):
+  """Full attention without query blocks must hold one head's n × n scores at some point: the counted temp bytes
+  cover at least that (on CPU the fused program's own memory_analysis() may not: YNNPACK fusions keep them outside
+  XLA's count)."""
   from experiments.bench_common import counted_memory
+  from linformer_jax.layers import attention
   from linformer_jax.models import Linformer
+  monkeypatch.setattr(attention, "CPU_SCORES_BLOCK_BYTES", 2**40)  # no query blocks (see query_block_rows)
   n, heads, dim = 2048, 4, 256  # large enough for XLA:CPU to fuse (the fused count is 1/8 of the scores here)
   model = Linformer(max_len=n, k=n, attention="full", dim=dim, num_heads=heads, dim_ff=512, depth=1)
   x = jax.ShapeDtypeStruct((1, n, dim), jnp.float32)

@@ -362,36 +362,41 @@ def test_full_attention_gradients_match_numpy():
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
-def test_query_chunks_rule():
-  """Blocks only on CPU, only for few keys (s <= t/4), only past the per-head score limit, blocks >= min rows."""
-  from linformer_jax.layers.attention import CPU_MIN_BLOCK_ROWS, CPU_SCORES_BLOCK_BYTES, query_chunks
-  assert CPU_SCORES_BLOCK_BYTES == 2 * 2**20 and CPU_MIN_BLOCK_ROWS == 512
+def test_query_block_rows_rule():
+  """Blocks only past the per-head score limit; a block's scores are 32 KiB × head dim per head; >= min rows."""
+  from linformer_jax.layers.attention import (CPU_BLOCK_BYTES_PER_HEAD_DIM, CPU_MIN_BLOCK_ROWS,
+                                              CPU_SCORES_BLOCK_BYTES, query_block_rows)
+  assert (CPU_SCORES_BLOCK_BYTES, CPU_BLOCK_BYTES_PER_HEAD_DIM, CPU_MIN_BLOCK_ROWS) == (2 * 2**20, 32 * 2**10, 16)
   f32 = jnp.float32
-  assert query_chunks((1, 16384, 4, 16), 128, f32) == 4    # 8 MiB per head → 4 blocks of 4096 queries
-  assert query_chunks((1, 8192, 4, 16), 128, f32) == 2
-  assert query_chunks((1, 4096, 4, 16), 128, f32) == 1     # 2 MiB: at the limit
-  assert query_chunks((1, 16384, 4, 16), 16384, f32) == 1  # full n × n attention: never
-  assert query_chunks((1, 4096, 4, 16), 2048, f32) == 1    # s > t/4
-  assert query_chunks((1, 2048, 4, 16), 512, f32) == 2     # 4 MiB → 2 blocks of 1024
-  assert query_chunks((8, 1024, 8, 64), 256, f32) == 1     # 1 MiB per head (batch and heads do not count)
-  assert query_chunks((1, 8192, 4, 16), 2048, f32) == 16   # 64 MiB would need 32; blocks stay >= 512 queries
-  assert query_chunks((1, 16381, 4, 16), 128, f32) == 1    # prime t: no equal blocks
+  assert query_block_rows((1, 4096, 4, 16), 128, f32) == 4096     # 2 MiB per head: at the limit, no blocks
+  assert query_block_rows((1, 16384, 4, 16), 128, f32) == 1024    # 8 MiB; 512 KiB blocks = 1024 rows of 128 keys
+  assert query_block_rows((1, 4096, 4, 16), 4096, f32) == 32      # full attention: 32 rows of 4096 keys
+  assert query_block_rows((2, 4096, 4, 64), 4096, f32) == 128     # d = 64: 2 MiB blocks
+  assert query_block_rows((1, 1024, 4, 16), 1024, f32) == 128
+  assert query_block_rows((8, 1024, 8, 64), 256, f32) == 1024     # 1 MiB per head (batch and heads do not count)
+  assert query_block_rows((1, 65536, 1, 1), 65536, f32) == 16     # never fewer than 16 rows
+  assert query_block_rows((1, 16381, 4, 16), 128, f32) == 1024    # any t: the last block is padded
+  assert query_block_rows((1, 1000, 4, 16), 1000, jnp.float16) == 1000  # 2 bytes per score: under the limit
 
 
+@pytest.mark.parametrize("s", [3, 11])  # few keys (the Linformer core) and as many keys as queries (full attention)
 @pytest.mark.parametrize("use_mask", [False, True])
-def test_blocked_attention_matches_numpy(monkeypatch, use_mask):
+def test_blocked_attention_matches_numpy(monkeypatch, use_mask, s):
   """With small limits the CPU core runs query blocks in a loop; values and gradients equal float64 numpy."""
   import linformer_jax.layers.attention as attention
   monkeypatch.setattr(attention, "CPU_SCORES_BLOCK_BYTES", 64)
+  monkeypatch.setattr(attention, "CPU_BLOCK_BYTES_PER_HEAD_DIM", 4 * s)
   monkeypatch.setattr(attention, "CPU_MIN_BLOCK_ROWS", 2)
   rng = np.random.default_rng(2)
-  q = rng.normal(size=(2, 12, 2, 4)).astype(np.float32)
-  k, v = (rng.normal(size=(2, 3, 2, 4)).astype(np.float32) for _ in range(2))
-  w = rng.normal(size=(2, 12, 2, 4)).astype(np.float32)
-  mask = np.array([[True, False, True], [True, True, False]]) if use_mask else None
-  assert attention.query_chunks(q.shape, 3, jnp.float32) == 3  # 12·3·4 B = 144 > 64 → 3 blocks of 4 (48 B)
+  q = rng.normal(size=(2, 11, 2, 4)).astype(np.float32)
+  k, v = (rng.normal(size=(2, s, 2, 4)).astype(np.float32) for _ in range(2))
+  w = rng.normal(size=(2, 11, 2, 4)).astype(np.float32)
+  mask = (np.arange(s)[None, :] % np.array([[2], [3]]) != 1) if use_mask else None
+  # 11·s·4 B > 64 → blocks of 4·s·4 / (s·4) = 4 queries: 3 blocks, the last one padded with one zero query
+  assert attention.query_block_rows(q.shape, s, jnp.float32) == 4
   loss = lambda q, k, v: jnp.sum(w * attention.softmax_attention(q, k, v, key_mask=mask))
-  assert "scan" in str(jax.make_jaxpr(loss)(q, k, v))  # the blocked path ran
+  jaxpr = str(jax.make_jaxpr(loss)(q, k, v))
+  assert "scan" in jaxpr and "remat" in jaxpr  # the blocked path ran, each block under jax.checkpoint
   out, want = np_attention_and_grads(q, k, v, w, mask)
   np.testing.assert_allclose(attention.softmax_attention(q, k, v, key_mask=mask), out, atol=1e-5)
   gq, gk, gv = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
