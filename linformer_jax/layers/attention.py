@@ -58,20 +58,22 @@ def _softmax_last_jvp(primals, tangents):
 
 
 def attention_weights(q: jax.Array, k: jax.Array, *, key_mask: Optional[jax.Array] = None,
-                      is_causal: bool = False) -> jax.Array:
+                      is_causal: bool = False, q_offset=0) -> jax.Array:
   """softmax(q kᵀ / sqrt(d)) over keys: q (batch, t, heads, d), k (batch, s, heads, d) → (batch, heads, t, s).
 
   The scale is applied to q (t·d multiplies, not t·s) and the product runs heads-first, which is the layout
-  XLA's batched dot wants (no transposes of the (t, s) scores).
+  XLA's batched dot wants (no transposes of the (t, s) scores). q_offset: position of the first query, for
+  ``is_causal`` on a block of queries (query i sees keys j <= q_offset + i).
   """
   scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
   logits = jnp.einsum("bhtd,bhsd->bhts", _heads_first(q * scale), _heads_first(k))
   big_neg = jnp.finfo(logits.dtype).min
   if key_mask is not None:
     logits = jnp.where(key_mask[:, None, None, :], logits, big_neg)
-  if is_causal:
+  if is_causal:  # query i (at position q_offset + i) sees keys j <= q_offset + i
     t, s = logits.shape[-2:]
-    logits = jnp.where(jnp.tril(jnp.ones((t, s), bool)), logits, big_neg)
+    allowed = (q_offset + jnp.arange(t))[:, None] >= jnp.arange(s)[None, :]
+    logits = jnp.where(allowed, logits, big_neg)
   return softmax_last(logits)
 
 
@@ -87,7 +89,7 @@ def query_block_rows(q_shape, s: int, dtype) -> int:
   scores outgrow the caches; its gradient also keeps every (t, s) weight for the backward pass. Queries are
   independent, so ``softmax_attention`` runs blocks of them in a ``lax.map`` under ``jax.checkpoint`` (each block's
   weights are recomputed in the backward pass, never stored whole) when one head's scores exceed
-  ``CPU_SCORES_BLOCK_BYTES``. A block's scores take ``CPU_BLOCK_BYTES_PER_HEAD_DIM`` × d bytes per head (larger
+  ``CPU_SCORES_BLOCK_BYTES`` (causal or not). A block's scores take ``CPU_BLOCK_BYTES_PER_HEAD_DIM`` × d bytes per head (larger
   heads do more work per score): full attention, d = 16, n = 4096: blocks of 32 queries, forward 270 → 122 ms,
   fwd+bwd 1022 → 595 ms, temp 514 → 52 MiB; d = 64: blocks of 128; the Linformer core (s = k = 128, d = 16,
   t = 16384): blocks of 1024, forward 50 → 13 ms, fwd+bwd 88 → 50 ms (one core, docs/benchmarks.md §2).
@@ -101,7 +103,7 @@ def query_block_rows(q_shape, s: int, dtype) -> int:
   return min(t, rows)
 
 
-def _blocked_attention(q, k, v, key_mask, rows: int):
+def _blocked_attention(q, k, v, key_mask, is_causal: bool, rows: int):
   """``_einsum_attention`` one batch row and one block of ``rows`` queries at a time (q zero-padded to a multiple
   of ``rows``, the pad cut off after), each block under ``jax.checkpoint``; shapes as ``softmax_attention``."""
   b, t, h, d = q.shape
@@ -110,18 +112,21 @@ def _blocked_attention(q, k, v, key_mask, rows: int):
   k, v = k[:, None], v[:, None]  # (b, 1, s, h, d): one batch row at a time
   key_mask = None if key_mask is None else key_mask[:, None]
 
+  offsets = jnp.arange(chunks) * rows  # position of each block's first query (for is_causal)
+
   def one_row(row):
     q_row, k_row, v_row, mask_row = row
-    one_block = jax.checkpoint(lambda qc: _einsum_attention(qc, k_row, v_row, mask_row))
-    return jax.lax.map(one_block, q_row)  # (chunks, 1, rows, h, d_v)
+    one_block = jax.checkpoint(lambda block: _einsum_attention(block[0], k_row, v_row, mask_row, is_causal,
+                                                               q_offset=block[1]))
+    return jax.lax.map(one_block, (q_row, offsets))  # (chunks, 1, rows, h, d_v)
 
   out = jax.lax.map(one_row, (q, k, v, key_mask))
   return out.reshape(b, chunks * rows, h, v.shape[-1])[:, :t]
 
 
-def _einsum_attention(q, k, v, key_mask=None, is_causal=False):
+def _einsum_attention(q, k, v, key_mask=None, is_causal=False, q_offset=0):
   """softmax(q kᵀ / sqrt(d)) v with heads-first einsums (the CPU path), shapes as ``softmax_attention``."""
-  return _attend(attention_weights(q, k, key_mask=key_mask, is_causal=is_causal), v)
+  return _attend(attention_weights(q, k, key_mask=key_mask, is_causal=is_causal, q_offset=q_offset), v)
 
 
 def _attend(weights, v):
@@ -138,8 +143,7 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: Opt
   q: (batch, t, heads, d); k, v: (batch, s, heads, d); key_mask: (batch, s) bool, True = attend.
   Without dropout and without ``sow`` this is the fused ``jax.nn.dot_product_attention`` on GPU/TPU; on CPU,
   where that call lowers to a generic composition, two heads-first einsums are faster (train step of the
-  roofline config −16 %, docs/benchmarks.md), run on blocks of queries when the scores are large (``query_block_rows``;
-  not with ``is_causal``). Attention-weight dropout and ``sow`` (a callable receiving the
+  roofline config −16 %, docs/benchmarks.md), run on blocks of queries when the scores are large (``query_block_rows``). Attention-weight dropout and ``sow`` (a callable receiving the
   (batch, heads, t, s) weights, for attention maps) need the weights, so then they are written out. ``head_remat_policy`` (level C2): one head at a time under
   ``jax.checkpoint`` with that policy (not combined with ``sow``, which needs all heads' weights).
   """
@@ -154,10 +158,10 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: Opt
     if jax.default_backend() != "cpu":
       mask = None if key_mask is None else key_mask[:, None, None, :]
       return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
-    rows = q.shape[1] if is_causal else query_block_rows(q.shape, k.shape[1], q.dtype)
+    rows = query_block_rows(q.shape, k.shape[1], q.dtype)
     if rows == q.shape[1]:
       return _einsum_attention(q, k, v, key_mask, is_causal)
-    return _blocked_attention(q, k, v, key_mask, rows)  # large (t, s) scores on CPU (see query_block_rows)
+    return _blocked_attention(q, k, v, key_mask, is_causal, rows)  # large (t, s) scores on CPU (see query_block_rows)
   weights = attention_weights(q, k, key_mask=key_mask, is_causal=is_causal)
   if sow is not None:
     sow(weights)

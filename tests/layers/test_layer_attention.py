@@ -28,15 +28,17 @@ def np_softmax(s):
   return e / e.sum(-1, keepdims=True)
 
 
-def np_attention_and_grads(q, k, v, w, key_mask=None):
+def np_attention_and_grads(q, k, v, w, key_mask=None, causal=False):
   """float64 softmax(q kᵀ/√d) v and the gradients of Σ w ⊙ it w.r.t. q, k, v (chain rule by hand).
 
-  All arrays (batch, n, heads, d); key_mask (batch, s) bool."""
+  All arrays (batch, n, heads, d); key_mask (batch, s) bool; causal: query i sees keys j <= i."""
   q64, k64, v64, w64 = (np.swapaxes(np.asarray(a, np.float64), 1, 2) for a in (q, k, v, w))  # (b, h, n, d)
   scale = 1.0 / math.sqrt(q64.shape[-1])
   s = np.einsum("bhtd,bhsd->bhts", q64, k64) * scale
   if key_mask is not None:
     s = np.where(np.asarray(key_mask)[:, None, None, :], s, -1e30)
+  if causal:
+    s = np.where(np.arange(s.shape[-2])[:, None] >= np.arange(s.shape[-1])[None, :], s, -1e30)
   p = np_softmax(s)
   dp = np.einsum("bhtd,bhsd->bhts", w64, v64)
   ds = p * (dp - (dp * p).sum(-1, keepdims=True))
@@ -379,9 +381,9 @@ def test_query_block_rows_rule():
   assert query_block_rows((1, 1000, 4, 16), 1000, jnp.float16) == 1000  # 2 bytes per score: under the limit
 
 
-@pytest.mark.parametrize("s", [3, 11])  # few keys (the Linformer core) and as many keys as queries (full attention)
-@pytest.mark.parametrize("use_mask", [False, True])
-def test_blocked_attention_matches_numpy(monkeypatch, use_mask, s):
+@pytest.mark.parametrize("s,causal", [(3, False), (11, False), (11, True)])  # few keys (the Linformer core);
+@pytest.mark.parametrize("use_mask", [False, True])                        # as many as queries (full attention)
+def test_blocked_attention_matches_numpy(monkeypatch, use_mask, s, causal):
   """With small limits the CPU core runs query blocks in a loop; values and gradients equal float64 numpy."""
   import linformer_jax.layers.attention as attention
   monkeypatch.setattr(attention, "CPU_SCORES_BLOCK_BYTES", 64)
@@ -394,11 +396,12 @@ def test_blocked_attention_matches_numpy(monkeypatch, use_mask, s):
   mask = (np.arange(s)[None, :] % np.array([[2], [3]]) != 1) if use_mask else None
   # 11·s·4 B > 64 → blocks of 4·s·4 / (s·4) = 4 queries: 3 blocks, the last one padded with one zero query
   assert attention.query_block_rows(q.shape, s, jnp.float32) == 4
-  loss = lambda q, k, v: jnp.sum(w * attention.softmax_attention(q, k, v, key_mask=mask))
+  attend = lambda q, k, v: attention.softmax_attention(q, k, v, key_mask=mask, is_causal=causal)
+  loss = lambda q, k, v: jnp.sum(w * attend(q, k, v))
   jaxpr = str(jax.make_jaxpr(loss)(q, k, v))
   assert "scan" in jaxpr and "remat" in jaxpr  # the blocked path ran, each block under jax.checkpoint
-  out, want = np_attention_and_grads(q, k, v, w, mask)
-  np.testing.assert_allclose(attention.softmax_attention(q, k, v, key_mask=mask), out, atol=1e-5)
+  out, want = np_attention_and_grads(q, k, v, w, mask, causal)
+  np.testing.assert_allclose(attend(q, k, v), out, atol=1e-5)
   gq, gk, gv = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
   for got, ref in zip((gq, gk, gv), want):
     np.testing.assert_allclose(got, ref, atol=1e-5)
