@@ -89,10 +89,10 @@ def query_block_rows(q_shape, s: int, dtype) -> int:
   scores outgrow the caches; its gradient also keeps every (t, s) weight for the backward pass. Queries are
   independent, so ``softmax_attention`` runs blocks of them in a ``lax.map`` under ``jax.checkpoint`` (each block's
   weights are recomputed in the backward pass, never stored whole) when one head's scores exceed
-  ``CPU_SCORES_BLOCK_BYTES`` (causal or not). A block's scores take ``CPU_BLOCK_BYTES_PER_HEAD_DIM`` × d bytes per head (larger
-  heads do more work per score): full attention, d = 16, n = 4096: blocks of 32 queries, forward 270 → 122 ms,
-  fwd+bwd 1022 → 595 ms, temp 514 → 52 MiB; d = 64: blocks of 128; the Linformer core (s = k = 128, d = 16,
-  t = 16384): blocks of 1024, forward 50 → 13 ms, fwd+bwd 88 → 50 ms (one core, docs/benchmarks.md §2).
+  ``CPU_SCORES_BLOCK_BYTES`` (causal or not). A block's scores take ``CPU_BLOCK_BYTES_PER_HEAD_DIM`` × d bytes per
+  head (larger heads do more work per score): full attention, d = 16, n = 4096: blocks of 32 queries, forward
+  270 → 122 ms, fwd+bwd 1022 → 595 ms, temp 514 → 52 MiB; d = 64: blocks of 128; the Linformer core (s = k = 128,
+  d = 16, t = 16384): blocks of 1024, forward 50 → 13 ms, fwd+bwd 88 → 50 ms (one core, docs/benchmarks.md §2).
   q_shape: (batch, t, heads, d); s: number of keys; dtype: the scores' dtype. Off the CPU: t.
   """
   t, d = q_shape[1], q_shape[-1]
@@ -111,7 +111,6 @@ def _blocked_attention(q, k, v, key_mask, is_causal: bool, rows: int):
   q = jnp.pad(q, ((0, 0), (0, chunks * rows - t), (0, 0), (0, 0))).reshape(b, chunks, 1, rows, h, d)
   k, v = k[:, None], v[:, None]  # (b, 1, s, h, d): one batch row at a time
   key_mask = None if key_mask is None else key_mask[:, None]
-
   offsets = jnp.arange(chunks) * rows  # position of each block's first query (for is_causal)
 
   def one_row(row):
@@ -143,9 +142,11 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: Opt
   q: (batch, t, heads, d); k, v: (batch, s, heads, d); key_mask: (batch, s) bool, True = attend.
   Without dropout and without ``sow`` this is the fused ``jax.nn.dot_product_attention`` on GPU/TPU; on CPU,
   where that call lowers to a generic composition, two heads-first einsums are faster (train step of the
-  roofline config −16 %, docs/benchmarks.md), run on blocks of queries when the scores are large (``query_block_rows``). Attention-weight dropout and ``sow`` (a callable receiving the
-  (batch, heads, t, s) weights, for attention maps) need the weights, so then they are written out. ``head_remat_policy`` (level C2): one head at a time under
-  ``jax.checkpoint`` with that policy (not combined with ``sow``, which needs all heads' weights).
+  roofline config −16 %, docs/benchmarks.md), run on blocks of queries when the scores are large
+  (``query_block_rows``). Attention-weight dropout and ``sow`` (a callable receiving the (batch, heads, t, s)
+  weights, for attention maps) need the weights, so then they are written out. ``head_remat_policy`` (level C2):
+  one head at a time under ``jax.checkpoint`` with that policy (not combined with ``sow``, which needs all heads'
+  weights).
   """
   if head_remat_policy is not None and sow is None:
     keys = None
