@@ -6,6 +6,7 @@ least ``repeats`` runs, each ended by ``block_until_ready``. Memory is XLA's com
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -224,9 +225,9 @@ def compile_fn(fn: Callable, *args, donate_argnums=(), count_all_buffers: bool =
   lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(*args)
   compiled = lowered.compile()
   seconds = time.perf_counter() - t0
-  if on_accelerator():  # counted only if flops_of asks (a second trace); shapes kept, not the arrays
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if _is_array(a) else a, args)
-    _FLOPS_LATER[compiled] = lambda: _cpu_flops(fn, abstract)
+  # FLOPs are counted only if flops_of asks (a second trace, see _cpu_flops); shapes kept, not the arrays
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if _is_array(a) else a, args)
+  _FLOPS_LATER[compiled] = lambda: _cpu_flops(fn, abstract)
   return compiled, seconds, _counted(lowered, compiled) if count_all_buffers else _memory_dict(compiled)
 
 
@@ -239,7 +240,22 @@ def counted_memory(fn: Callable, *args) -> dict:
   return _counted(jax.jit(fn).lower(*args))
 
 
-# On a GPU/TPU: for each program compiled by compile_fn, how to count its FLOPs (``_cpu_flops``), run on demand.
+@contextlib.contextmanager
+def unblocked_attention():
+  """Attention traced inside runs without CPU query blocks (``linformer_jax.layers.attention.query_block_rows``):
+  each head's (t, s) scores at once, as in a standard Transformer. For the paper's baseline (bench_efficiency) and
+  for FLOP counts, since XLA's ``cost_analysis`` counts a loop body once: a blocked program's count leaves out all
+  blocks but one. Traces are cached per function object by jax, so trace a fresh function inside."""
+  from linformer_jax.layers import attention
+  saved = attention.CPU_SCORES_BLOCK_BYTES
+  attention.CPU_SCORES_BLOCK_BYTES = float("inf")  # query_block_rows: never above it, so never blocks
+  try:
+    yield
+  finally:
+    attention.CPU_SCORES_BLOCK_BYTES = saved
+
+
+# For each program compiled by compile_fn, how to count its FLOPs (``_cpu_flops``), run on demand.
 _FLOPS_LATER: "weakref.WeakKeyDictionary[Any, Callable[[], float]]" = weakref.WeakKeyDictionary()
 
 
@@ -255,23 +271,26 @@ def _flops(analysis) -> float:
 
 def _cpu_flops(fn: Callable, args) -> float:
   """XLA:CPU's FLOP count of ``fn(*args)`` traced as on this backend but lowered for the host CPU (nothing is
-  compiled or run): the count does not depend on where the program would run, and XLA:GPU's own counts are
-  unusable (an H100 reported 0 FLOPs for a 4096³ ``jnp.dot``, both before and after optimization)."""
+  compiled or run), with attention unblocked (``unblocked_attention``: the model's FLOPs, every query counted once):
+  the count does not depend on where the program would run, and XLA:GPU's own counts are unusable (an H100
+  reported 0 FLOPs for a 4096³ ``jnp.dot``, both before and after optimization)."""
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
 
   def on_cpu(a):
     return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu) if _is_array(a) else a
   try:
-    return _flops(jax.jit(fn).lower(*jax.tree.map(on_cpu, args)).cost_analysis())
+    with unblocked_attention():
+      lowered = jax.jit(lambda *a: fn(*a)).lower(*jax.tree.map(on_cpu, args))  # a fresh function: a new trace
+    return _flops(lowered.cost_analysis())
   except Exception as e:  # say so rather than report a wrong count
     warnings.warn(f"flops: lowering for the CPU failed ({type(e).__name__}: {e}); FLOPs reported as 0")
     return 0.0
 
 
 def flops_of(compiled) -> float:
-  """XLA's FLOP count of a function (2·M·N·K per matmul plus elementwise ops). For programs from ``compile_fn`` on
-  a GPU/TPU it is XLA:CPU's count of the same traced program (``_cpu_flops``); on CPU the compiled program's count
-  (equal to the lowered HLO's)."""
+  """XLA's FLOP count of a function (2·M·N·K per matmul plus elementwise ops). For programs from ``compile_fn`` it is
+  XLA:CPU's count of the same function traced again with attention unblocked (``_cpu_flops``; on CPU the count of an
+  unblocked program equals its compiled program's); for anything else the compiled program's own count."""
   if compiled in _FLOPS_LATER:
     return _FLOPS_LATER[compiled]()
   return _flops(compiled.cost_analysis())

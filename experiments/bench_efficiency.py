@@ -10,6 +10,13 @@ einsums on CPU, which are faster there and keep one n × n array per layer inste
 baseline and every k < n, timed in interleaved rounds in the same run (median of >= 5 after a warm-up; compile
 reported separately).
 
+The baseline is the paper's *standard* Transformer, which holds each head's n × n scores at once. On CPU our
+``softmax_attention`` would otherwise run large score arrays in query blocks recomputed in the backward pass
+(``attention.query_block_rows``: exact, faster there, and never holding the n × n scores), so the baseline is traced
+with those blocks off; the blocked Transformer is measured in the same rounds as a second baseline
+(``*_full_blocked_*`` columns, ratios ``time_saved_blocked`` / ``mem_saved_blocked``): what Linformer saves over the
+best exact attention we have on CPU. Off the CPU there are no query blocks, and no second baseline.
+
 Section "time+memory" (timed): dim 256, 4 heads (head dim 64), FF 1024, depth 2, batch = max(1, 8192 // n)
 sequences (the paper measured at the largest batch that fits; here the batch keeps ~8k tokens per call).
 Section "memory only": the BERT-base geometry (dim 768, 12 heads, FF 3072, depth 12, batch 1), XLA memory
@@ -26,18 +33,20 @@ budget is 60 % of the device memory JAX may use, and peak RSS is not measured: t
 ``flop_saved`` = XLA's FLOP count (``cost_analysis``) of the full-attention forward / the Linformer's: the time
 ratio both programs would show if they ran at the same FLOP rate (a compute-bound machine's expectation).
 Rows: section, n, k, batch, time_full_s, time_linformer_s, time_saved, paper_time_saved, flop_saved, flops_*,
-mem_full_bytes, mem_linformer_bytes, mem_saved, paper_mem_saved, temp_saved, rss_rise_*, compile_*_s, note.
+mem_full_bytes, mem_linformer_bytes, mem_saved, paper_mem_saved, temp_saved, rss_rise_*, compile_*_s, on CPU
+*_full_blocked_* with time_saved_blocked and mem_saved_blocked, note.
 Writes DIR/efficiency.{json,md,png}.
 """
 from __future__ import annotations
 
+import contextlib
 
 import jax
 import jax.numpy as jnp
 
 from experiments.bench_common import (bench_parser, blocking, compile_fn, counted_memory, finish, first_run_rss_rise,
                                       flops_of, fmt_bytes, interleaved_median_times, memory_budget, random_like,
-                                      sweep_mode, write_plot)
+                                      on_accelerator, sweep_mode, unblocked_attention, write_plot)
 from linformer_jax.models import Linformer
 
 # Linformer paper (arXiv 2006.04768) Table 3: (time saved ×, memory saved ×) by (n, k); V100, max batch.
@@ -67,21 +76,31 @@ SWEEPS = {  # ns, ks, model geometry, tokens per call; memory-only geometry, its
 
 COLUMNS = ["section", "n", "k", "batch", "time_full_s", "time_linformer_s", "time_saved", "paper_time_saved",
            "flop_saved", "mem_full_bytes", "mem_linformer_bytes", "mem_saved", "paper_mem_saved", "temp_saved",
-           "rss_saved", "note"]
+           "rss_saved", "time_saved_blocked", "mem_saved_blocked", "note"]
 
 
 def _model(n, k, attention, geometry):
   return Linformer(max_len=n, k=min(k, n), attention=attention, sharing="layerwise", **geometry)
 
 
-def _compile_forward(model, x_shape, run=True):
-  """(compiled program to run or None, abstract variables, compile seconds, counted memory)."""
+def _compile_forward(model, x_shape, run=True, standard=False):
+  """(compiled program to run or None, abstract variables, compile seconds, counted memory).
+
+  standard: traced under ``bench_common.unblocked_attention`` (a fresh function object, so that no trace made with
+  query blocks is reused from jax's caches)."""
   x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
-  if not run:
-    return None, variables, 0.0, counted_memory(model.apply, variables, x)
-  compiled, seconds, memory = compile_fn(model.apply, variables, x, count_all_buffers=True)
+  fn = (lambda v, inputs: model.apply(v, inputs)) if standard else model.apply
+  with unblocked_attention() if standard else contextlib.nullcontext():
+    if not run:
+      return None, variables, 0.0, counted_memory(fn, variables, x)
+    compiled, seconds, memory = compile_fn(fn, variables, x, count_all_buffers=True)
   return compiled, variables, seconds, memory
+
+
+def _has_blocked_baseline() -> bool:
+  """Whether the full-attention model runs differently with query blocks (CPU only; see the module docstring)."""
+  return not on_accelerator()
 
 
 
@@ -101,6 +120,10 @@ def _ratios(row):
   row["temp_saved"] = round(row["temp_full_bytes"] / row["temp_linformer_bytes"], 2)
   if row.get("rss_rise_full_bytes") and row.get("rss_rise_linformer_bytes"):
     row["rss_saved"] = round(row["rss_rise_full_bytes"] / row["rss_rise_linformer_bytes"], 2)
+  if row.get("time_full_blocked_s") and row.get("time_linformer_s"):
+    row["time_saved_blocked"] = round(row["time_full_blocked_s"] / row["time_linformer_s"], 2)
+  if row.get("mem_full_blocked_bytes"):
+    row["mem_saved_blocked"] = round(row["mem_full_blocked_bytes"] / row["mem_linformer_bytes"], 2)
 
 
 def _print(row):
@@ -109,7 +132,15 @@ def _print(row):
   pm = row["paper_mem_saved"] if row["paper_mem_saved"] is not None else "–"
   print(f"{row['section']:>12} n {row['n']:>5} k {row['k']:>4}: time saved {t} (paper {pt}x), memory saved "
         f"{row['mem_saved']:.1f}x (paper {pm}x) [full {fmt_bytes(row['mem_full_bytes'])}, linformer "
-        f"{fmt_bytes(row['mem_linformer_bytes'])}]{'  ' + row['note'] if row.get('note') else ''}", flush=True)
+        f"{fmt_bytes(row['mem_linformer_bytes'])}]{_blocked_text(row)}{'  ' + row['note'] if row.get('note') else ''}",
+        flush=True)
+
+
+def _blocked_text(row):
+  if not row.get("mem_saved_blocked"):
+    return ""
+  t = f"{row['time_saved_blocked']:.2f}x, " if row.get("time_saved_blocked") else ""
+  return f"; vs blocked full attention {t}memory {row['mem_saved_blocked']:.1f}x"
 
 
 def timed_section(sweep, repeats, budget):
@@ -119,12 +150,18 @@ def timed_section(sweep, repeats, budget):
     batch = max(1, sweep["tokens"] // n)
     shape = (batch, n, geometry["dim"])
     full_model = _model(n, n, "full", geometry)
-    full_c, full_abstract, full_compile_s, full_mem = _compile_forward(full_model, shape)
+    full_c, full_abstract, full_compile_s, full_mem = _compile_forward(full_model, shape, standard=True)
     x = random_like(jax.ShapeDtypeStruct(shape, jnp.float32), seed=1, scale=1.0)
-    fns, lin = {}, {}
+    full_vars = random_like(full_abstract)
+    fns, lin, blocked = {}, {}, {}
     note = ""
+    if _has_blocked_baseline():  # the same model and weights with CPU query blocks
+      blocked_c, _, blocked_compile_s, blocked_mem = _compile_forward(full_model, shape)
+      blocked = dict(mem_full_blocked_bytes=_mem(blocked_mem), temp_full_blocked_bytes=blocked_mem["temp_bytes"],
+                     rss_rise_full_blocked_bytes=first_run_rss_rise(blocked_c, full_vars, x),
+                     compile_full_blocked_s=round(blocked_compile_s, 3))
+      fns["full_blocked"] = blocking(blocked_c, full_vars, x)
     if _mem(full_mem) <= budget:
-      full_vars = random_like(full_abstract)
       full_rss = first_run_rss_rise(full_c, full_vars, x)
       fns["full"] = blocking(full_c, full_vars, x)
     else:
@@ -148,11 +185,11 @@ def timed_section(sweep, repeats, budget):
                  temp_full_bytes=full_mem["temp_bytes"], temp_linformer_bytes=res["mem"]["temp_bytes"],
                  rss_rise_full_bytes=full_rss, rss_rise_linformer_bytes=res["rss"],
                  compile_full_s=round(full_compile_s, 3), compile_linformer_s=round(res["compile_s"], 3),
-                 note=note)
+                 time_full_blocked_s=times.get("full_blocked"), **blocked, note=note)
       _ratios(row)
       rows.append(row)
       _print(row)
-    del fns, full_c
+    del fns, full_c, full_vars
   return rows
 
 
@@ -161,12 +198,17 @@ def memory_section(sweep):
   geometry = sweep["mem_model"]
   for n in sweep["mem_ns"]:
     shape = (1, n, geometry["dim"])
-    _, _, _, full_mem = _compile_forward(_model(n, n, "full", geometry), shape, run=False)
+    full_model = _model(n, n, "full", geometry)
+    _, _, _, full_mem = _compile_forward(full_model, shape, run=False, standard=True)
+    blocked = {}
+    if _has_blocked_baseline():
+      _, _, _, blocked_mem = _compile_forward(full_model, shape, run=False)
+      blocked = dict(mem_full_blocked_bytes=_mem(blocked_mem), temp_full_blocked_bytes=blocked_mem["temp_bytes"])
     for k in [k for k in sweep["mem_ks"] if k < n]:
       _, _, _, mem = _compile_forward(_model(n, k, "linformer", geometry), shape, run=False)
       row = dict(section="memory only", n=n, k=k, batch=1, **geometry, mem_full_bytes=_mem(full_mem),
                  mem_linformer_bytes=_mem(mem), temp_full_bytes=full_mem["temp_bytes"],
-                 temp_linformer_bytes=mem["temp_bytes"], note="compiled, not executed")
+                 temp_linformer_bytes=mem["temp_bytes"], **blocked, note="compiled, not executed")
       _ratios(row)
       rows.append(row)
       _print(row)

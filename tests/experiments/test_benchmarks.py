@@ -49,6 +49,32 @@ def test_efficiency(tmp_path):
   assert memory_only and all(r.get("time_full_s") is None and r["mem_saved"] > 1 for r in memory_only)
 
 
+def test_efficiency_baselines_standard_and_blocked(tmp_path, monkeypatch):
+  """On CPU the Table-3 baseline is the standard Transformer (each head's n × n scores held at once), and the same
+  model with query blocks is a second baseline; the blocks' limits are lowered so the tiny sweep uses them."""
+  from experiments import bench_efficiency
+  from linformer_jax.layers import attention
+  monkeypatch.setattr(attention, "CPU_SCORES_BLOCK_BYTES", 64)
+  monkeypatch.setattr(attention, "CPU_BLOCK_BYTES_PER_HEAD_DIM", 1024)  # blocks of 16 queries at n = 256, d = 16
+  bench_efficiency.main(["--out", str(tmp_path), "--tiny"])
+  assert attention.CPU_SCORES_BLOCK_BYTES == 64  # restored after the standard baseline's traces
+  rows = json.loads((tmp_path / "efficiency.json").read_text())
+  geometry = bench_efficiency.SWEEPS["tiny"]["model"]
+  heads = geometry["num_heads"]
+  largest = max(r["n"] for r in rows)
+  for r in rows:
+    scores = r["batch"] * heads * r["n"] ** 2 * 4  # one layer's n × n scores, float32
+    assert r["temp_full_bytes"] >= scores
+    if r["n"] == largest:  # there the scores outweigh the rest of the forward
+      assert scores > r["temp_full_blocked_bytes"] and r["mem_saved_blocked"] < r["mem_saved"]
+    assert r["mem_saved_blocked"] == pytest.approx(r["mem_full_blocked_bytes"] / r["mem_linformer_bytes"], rel=0.01)
+    if r["section"] == "time+memory":
+      assert r["time_full_blocked_s"] > 0
+      assert r["time_saved_blocked"] == pytest.approx(r["time_full_blocked_s"] / r["time_linformer_s"], rel=0.01)
+  md = (tmp_path / "efficiency.md").read_text()
+  assert "time_saved_blocked" in md and "mem_saved_blocked" in md
+
+
 def test_counted_memory_includes_the_attention_scores(monkeypatch):
   """Full attention without query blocks must hold one head's n × n scores at some point: the counted temp bytes
   cover at least that (on CPU the fused program's own memory_analysis() may not: YNNPACK fusions keep them outside
@@ -188,20 +214,37 @@ def test_efficiency_tokens_and_sections(tmp_path):
   assert rows and {r["section"] for r in rows} == {"memory only"}
 
 
-def test_flops_are_counted_on_the_lowered_program(monkeypatch):
-  """flops_of gives XLA's FLOPs of what compile_fn compiled: 2·M·N·K for a matmul, and on an accelerator the count
-  of the same trace lowered for the host CPU (_cpu_flops) — checked here against the hand count too."""
+def test_flops_are_counted_on_the_lowered_program():
+  """flops_of gives XLA's FLOPs of what compile_fn compiled: 2·M·N·K for a matmul, counted on demand from the same
+  function lowered for the host CPU (_cpu_flops; on an accelerator XLA's own counts leave out library matmuls)."""
   from experiments import bench_common
   from experiments.bench_common import _cpu_flops, compile_fn, flops_of
   a, b = jnp.ones((64, 96)), jnp.ones((96, 32))
   compiled, _, _ = compile_fn(jnp.dot, a, b)
-  assert flops_of(compiled) == 2 * 64 * 96 * 32
-  assert _cpu_flops(jnp.dot, (a, b)) == 2 * 64 * 96 * 32
-  monkeypatch.setattr(bench_common, "on_accelerator", lambda: True)  # the GPU/TPU path: counted on demand
-  compiled, _, _ = compile_fn(jnp.dot, a, b)
   assert compiled in bench_common._FLOPS_LATER and flops_of(compiled) == 2 * 64 * 96 * 32
+  assert compiled.cost_analysis()["flops"] == 2 * 64 * 96 * 32  # the compiled count agrees here
+  assert _cpu_flops(jnp.dot, (a, b)) == 2 * 64 * 96 * 32
   # a pytree argument with a non-array leaf (as an optimizer state may hold) lowers too
   assert _cpu_flops(lambda t: t["a"] @ t["b"] * t["s"], ({"a": a, "b": b, "s": 2.0},)) >= 2 * 64 * 96 * 32
+
+
+def test_flops_of_blocked_attention_count_every_block(monkeypatch):
+  """XLA's cost_analysis counts a loop body once, so attention run in CPU query blocks (a lax.map) reports the
+  FLOPs of one block; flops_of counts the function traced unblocked: q·kᵀ and p·v, 2·b·h·t·s·d each (hand count)."""
+  from experiments.bench_common import compile_fn, flops_of
+  from linformer_jax.layers import attention
+  monkeypatch.setattr(attention, "CPU_SCORES_BLOCK_BYTES", 64)
+  monkeypatch.setattr(attention, "CPU_BLOCK_BYTES_PER_HEAD_DIM", 1024)
+  b, t, s, h, d = 2, 256, 128, 2, 16
+  q = jnp.ones((b, t, h, d))
+  kv = jnp.ones((b, s, h, d))
+  assert attention.query_block_rows(q.shape, s, q.dtype) < t  # blocked here
+  fn = lambda q, k, v: attention.softmax_attention(q, k, v)
+  compiled, _, _ = compile_fn(fn, q, kv, kv)
+  matmuls = 2 * (2 * b * h * t * s * d)
+  assert compiled.cost_analysis()["flops"] < matmuls / 4  # the loop body alone
+  assert matmuls <= flops_of(compiled) <= 1.5 * matmuls  # + softmax and scaling
+  assert attention.CPU_SCORES_BLOCK_BYTES == 64  # restored
 
 
 def test_torch_side_follows_the_jax_backend():
