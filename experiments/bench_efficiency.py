@@ -4,8 +4,9 @@
         [--sections time,memory]
 
 Both models are ``linformer_jax.models.Linformer`` with the same block (pre-LN, GELU FF, no dropout); the
-Transformer is ``attention="full"`` (``softmax_attention``: ``jax.nn.dot_product_attention`` on GPU/TPU, heads-first
-einsums on CPU, which are faster there and keep one n × n array per layer instead of two), the Linformer
+Transformer is ``attention="full"`` (``softmax_attention``: for float32 heads-first einsums on every backend — the
+composition ``jax.nn.dot_product_attention`` lowers to, as fast on a GPU and faster on CPU, keeping one n × n
+array per layer instead of two), the Linformer
 ``sharing="layerwise"`` (one E=F for the whole network, as in the paper's Table 3). Each n: one full-attention
 baseline and every k < n, timed in interleaved rounds in the same run (median of >= 5 after a warm-up; compile
 reported separately).

@@ -140,10 +140,13 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: Opt
   """softmax(q kᵀ / sqrt(d)) v per head.
 
   q: (batch, t, heads, d); k, v: (batch, s, heads, d); key_mask: (batch, s) bool, True = attend.
-  Without dropout and without ``sow`` this is the fused ``jax.nn.dot_product_attention`` on GPU/TPU; on CPU,
-  where that call lowers to a generic composition, two heads-first einsums are faster (train step of the
-  roofline config −16 %, docs/benchmarks.md), run on blocks of queries when the scores are large
-  (``query_block_rows``). Attention-weight dropout and ``sow`` (a callable receiving the (batch, heads, t, s)
+  Without dropout and without ``sow``: two heads-first einsums around ``softmax_last``, whose backward pass keeps
+  only the normalised weights. ``jax.nn.dot_product_attention`` lowers float32 inputs to the same XLA composition
+  on every backend, with a derivative that keeps both exp(logits) and the weights (measured on an H200: the same
+  speed, ±5 %, and one (t, s) array less per layer in the backward pass with the einsums; on CPU the einsums are
+  also faster: train step of the roofline config −16 %, docs/benchmarks.md); on CPU large scores run in blocks of
+  queries (``query_block_rows``). Half-precision inputs on a GPU/TPU go to ``jax.nn.dot_product_attention``
+  (softmax in float32). Attention-weight dropout and ``sow`` (a callable receiving the (batch, heads, t, s)
   weights, for attention maps) need the weights, so then they are written out. ``head_remat_policy`` (level C2):
   one head at a time under ``jax.checkpoint`` with that policy (not combined with ``sow``, which needs all heads'
   weights).
@@ -156,10 +159,10 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: Opt
         qh, kh, vh, key_mask=key_mask, is_causal=is_causal, dropout_rate=dropout_rate, dropout_rng=key)
     return map_heads(one_head, head_remat_policy, q, k, v, extra=keys)
   if (dropout_rate == 0.0 or dropout_rng is None) and sow is None:  # no weights needed outside
-    if jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu" and jnp.dtype(q.dtype).itemsize < 4:
       mask = None if key_mask is None else key_mask[:, None, None, :]
       return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
-    rows = query_block_rows(q.shape, k.shape[1], q.dtype)
+    rows = query_block_rows(q.shape, k.shape[1], q.dtype)  # t (no blocks) off the CPU
     if rows == q.shape[1]:
       return _einsum_attention(q, k, v, key_mask, is_causal)
     return _blocked_attention(q, k, v, key_mask, is_causal, rows)  # large (t, s) scores on CPU (see query_block_rows)
@@ -256,7 +259,7 @@ class _MultiHead(nn.Module):
 
 
 class FullSelfAttention(_MultiHead):
-  """Ordinary multi-head softmax attention (O(n²)), via ``softmax_attention`` (the fused op on GPU/TPU).
+  """Ordinary multi-head softmax attention (O(n²)), via ``softmax_attention``.
 
   Attributes (besides those of ``_MultiHead``):
     causal: position i attends only to positions <= i.

@@ -405,3 +405,35 @@ def test_blocked_attention_matches_numpy(monkeypatch, use_mask, s, causal):
   gq, gk, gv = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
   for got, ref in zip((gq, gk, gv), want):
     np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_off_the_cpu_routes_by_dtype(monkeypatch, causal):
+  """On a GPU/TPU (backend patched): float32 runs the einsum core without query blocks (values and gradients equal
+  float64 numpy, no jax.nn.dot_product_attention call even where the CPU would block); half precision goes to
+  jax.nn.dot_product_attention."""
+  import linformer_jax.layers.attention as attention
+  calls = []
+  real_dpa = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **kw: calls.append(a[0].dtype) or real_dpa(*a, **kw))
+  monkeypatch.setattr(attention, "CPU_SCORES_BLOCK_BYTES", 64)  # on the CPU these shapes would run in blocks
+  monkeypatch.setattr(attention, "CPU_BLOCK_BYTES_PER_HEAD_DIM", 4 * 9)  # of 4 queries
+  monkeypatch.setattr(attention, "CPU_MIN_BLOCK_ROWS", 2)
+  rng = np.random.default_rng(3)
+  q, k, v, w = (rng.normal(size=(2, 9, 2, 4)).astype(np.float32) for _ in range(4))
+  mask = np.arange(9)[None, :] % np.array([[2], [4]]) != 1
+  attend = lambda q, k, v: attention.softmax_attention(q, k, v, key_mask=mask, is_causal=causal)
+  loss = lambda q, k, v: jnp.sum(w * attend(q, k, v))
+  jaxpr = lambda: str(jax.make_jaxpr(lambda *a: loss(*a))(q, k, v))  # a fresh function: traced anew
+  assert "scan" in jaxpr()  # the CPU path: blocks
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert attention.query_block_rows(q.shape, 9, jnp.float32) == 9
+  assert "scan" not in jaxpr()
+  out, want = np_attention_and_grads(q, k, v, w, mask, causal)
+  np.testing.assert_allclose(attend(q, k, v), out, atol=1e-5)
+  for got, ref in zip(jax.grad(loss, argnums=(0, 1, 2))(q, k, v), want):
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+  assert calls == []
+  half = attend(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
+  assert calls == [jnp.bfloat16] and half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(half, np.float32), out, atol=5e-2)
