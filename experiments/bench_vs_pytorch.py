@@ -17,8 +17,8 @@ Config "reference" (``docs``' CPU reference): batch 1, d=64, 4 heads, depth 2, F
   is allowed) vs our ``Linformer(attention="full", norm="post")`` (``softmax_attention``: heads-first einsums,
   in query blocks on CPU), both randomly initialised (parameter counts recorded). Modes: ``fwd`` = eval forward
   (torch ``no_grad``); ``fwdbwd`` = gradient of mean(y²) w.r.t. the parameters (torch ``loss.backward()``). Time:
-  median of >= 5 after warm-up (JAX compile excluded and reported). Threads: torch ``set_num_threads(usable cores)``; XLA:CPU uses all
-  usable cores (its Eigen pool). Memory: peak-RSS rise of the first execution on both sides (high-water mark reset
+  median of >= 5 after warm-up (JAX compile excluded and reported). Threads: torch ``set_num_threads(usable
+  cores)``; XLA:CPU uses all usable cores (its Eigen pool). Memory: peak-RSS rise of the first execution on both sides (high-water mark reset
   via ``/proc/self/clear_refs``), plus XLA temp + argument bytes for ours (``bench_common.counted_memory``: every
   buffer counted) and autograd's saved-for-backward bytes for torch. A JAX run whose XLA memory exceeds the budget
   (``--max-mem-gib``, default 50 % of MemAvailable) is not executed (row note says so). Floor: ``flops_ours`` (XLA
