@@ -13,16 +13,16 @@ Config "reference" (``docs``' CPU reference): batch 1, d=64, 4 heads, depth 2, F
 * Linformer: ``linformer_pytorch.Linformer(parameter_sharing="layerwise")`` (post-LN, biased E); its weights and
   input are handed over (npz) and converted with ``linformer_jax.convert.from_linformer_pytorch``, so both sides run
   the very same model on the very same input (``max_abs_diff`` of the eval outputs is recorded).
-* Transformer: ``nn.TransformerEncoder`` of post-LN GELU layers (``batch_first``, default SDPA; the eval fast path
-  is allowed) vs our ``Linformer(attention="full", norm="post")`` (``softmax_attention``: heads-first einsums,
-  in query blocks on CPU), both randomly initialised (parameter counts recorded). Modes: ``fwd`` = eval forward
-  (torch ``no_grad``); ``fwdbwd`` = gradient of mean(y²) w.r.t. the parameters (torch ``loss.backward()``). Time:
-  median of >= 5 after warm-up (JAX compile excluded and reported). Threads: torch ``set_num_threads(usable
-  cores)``; XLA:CPU uses all usable cores (its Eigen pool). Memory: peak-RSS rise of the first execution on both sides (high-water mark reset
-  via ``/proc/self/clear_refs``), plus XLA temp + argument bytes for ours (``bench_common.counted_memory``: every
-  buffer counted) and autograd's saved-for-backward bytes for torch. A JAX run whose XLA memory exceeds the budget
-  (``--max-mem-gib``, default 50 % of MemAvailable) is not executed (row note says so). Floor: ``flops_ours`` (XLA
-  ``cost_analysis``) over the machine's f32 matmul peak (``jnp.dot`` 2048², same cores, same run) is ``floor_s``,
+* Transformer: ``nn.TransformerEncoder`` of post-LN GELU layers (``batch_first``, default SDPA; the eval fast path is
+  allowed) vs our ``Linformer(attention="full", norm="post")`` (``softmax_attention``: heads-first einsums, in query
+  blocks on CPU), both randomly initialised (parameter counts recorded). Modes: ``fwd`` = eval forward (torch
+  ``no_grad``); ``fwdbwd`` = gradient of mean(y²) w.r.t. the parameters (torch ``loss.backward()``). Time: median of
+  >= 5 after warm-up (JAX compile excluded and reported). Threads: torch ``set_num_threads(usable cores)``; XLA:CPU
+  uses all usable cores (its Eigen pool). Memory: peak-RSS rise of the first execution on both sides (high-water mark
+  reset via ``/proc/self/clear_refs``), plus XLA temp + argument bytes for ours (``bench_common.counted_memory``:
+  every buffer counted) and autograd's saved-for-backward bytes for torch. A JAX run whose XLA memory exceeds the
+  budget (``--max-mem-gib``, default 50 % of MemAvailable) is not executed (row note says so). Floor: ``flops_ours``
+  (XLA ``cost_analysis``) over the machine's f32 matmul peak (``jnp.dot`` 2048², same cores, same run) is ``floor_s``,
   the time of those FLOPs at peak; ``floor_over_torch`` = floor_s / time_torch_s is the smallest ``ours_over_torch``
   any implementation of the same model can reach on this machine. Rows: config, model, mode, n, time_ours_s,
   time_torch_s, ours_over_torch, floor_over_torch, rss_rise_ours_bytes, rss_rise_torch_bytes, mem_ours_xla_bytes,
