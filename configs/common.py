@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import ml_collections
-from ml_collections import config_dict
-
 from linformer_jax.data import default_data_config
 from linformer_jax.optim import default_optimizer_config
+from linformer_jax.run_config import default_config_fields
 
 
 def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
@@ -30,26 +29,9 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
 
 
 def base_config(data_name: str) -> ml_collections.ConfigDict:
-  """Loop, logging, checkpoint and runtime fields, plus data/optimizer defaults and an empty model."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.total_steps = 1000
-  c.batch_size = 32
-  c.eval_batch_size = config_dict.placeholder(int)   # None = batch_size
-  c.eval_max_batches = config_dict.placeholder(int)  # None = the whole eval split
-  c.log_every = 50
-  c.eval_every = 500
-  c.checkpoint_every = 500
-  c.keep_checkpoints = 3
-  c.compute_dtype = "float32"                        # "bfloat16": bf16 compute with float32 params
-  c.compilation_cache = True                         # JAX persistent compilation cache
-  c.compilation_cache_dir = config_dict.placeholder(str)  # None = ~/.cache/linformer_jax/jax_cache
-  c.tensorboard = True
-  c.plots = True                                     # plots/*.png at the end of a run
-  c.skip_nonfinite_steps = False                     # True: drop (and count) updates with a non-finite loss
-  c.init_from = config_dict.placeholder(str)         # Orbax checkpoint from `python -m linformer_jax.convert`
-  c.parallel = "jit"                                 # "jit" (NamedSharding over `mesh`) | "pmap"
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})  # -1 = the remaining devices; fsdp > 1: ZeRO-3
+  """The run fields with their defaults (``linformer_jax.run_config.RunConfig``), data/optimizer defaults and an
+  empty model."""
+  c = default_config_fields()
   c.data = default_data_config(data_name)
   c.optimizer = default_optimizer_config()
   c.model = ml_collections.ConfigDict()

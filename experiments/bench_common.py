@@ -6,7 +6,6 @@ least ``repeats`` runs, each ended by ``block_until_ready``. Memory is XLA's com
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pathlib
@@ -79,13 +78,15 @@ def device_bytes_limit() -> int | None:
   return stats.get("bytes_limit")
 
 
-def torch_device_spec() -> dict:
+def torch_device_spec(backend: str | None = None) -> dict:
   """Where the PyTorch side of a comparison runs, matched to JAX's: {"device": "cpu"} on CPU; on a GPU
   {"device": "cuda", "tf32": ...}, TensorFloat-32 allowed exactly when JAX's float32 matmuls may use it (XLA:GPU's
-  default precision does; ``JAX_DEFAULT_MATMUL_PRECISION=highest`` makes both sides full float32)."""
-  if jax.default_backend() != "gpu":
-    if on_accelerator():
-      warnings.warn(f"the PyTorch side runs on the CPU while JAX runs on {jax.default_backend()}: its times and "
+  default precision does; ``JAX_DEFAULT_MATMUL_PRECISION=highest`` makes both sides full float32).
+  backend: JAX's backend ("cpu", "gpu", "tpu", ...); None = ``jax.default_backend()``."""
+  backend = jax.default_backend() if backend is None else backend
+  if backend != "gpu":
+    if backend != "cpu":
+      warnings.warn(f"the PyTorch side runs on the CPU while JAX runs on {backend}: its times and "
                     "memory are not comparable with ours")
     return {"device": "cpu"}
   precision = str(jax.config.jax_default_matmul_precision or "default").lower()
@@ -215,11 +216,15 @@ def _counted(lowered, compiled=None) -> dict:
   return _memory_dict(compiled or lowered.compile())
 
 
-def compile_fn(fn: Callable, *args, donate_argnums=(), count_all_buffers: bool = False) -> tuple[Any, float, dict]:
+def compile_fn(fn: Callable, *args, donate_argnums=(), count_all_buffers: bool = False,
+               flops_fn: Callable | None = None) -> tuple[Any, float, dict]:
   """jit-compiles fn for args; returns (compiled, compile seconds, memory dict with temp/argument bytes).
 
   count_all_buffers: the memory dict as ``counted_memory`` gives it (on CPU from a second compilation of the same
   lowering without YNNPACK fusions; not included in the seconds); otherwise the compiled program's own analysis.
+  flops_fn: the function whose FLOPs ``flops_of`` reports for this program (same arguments; default fn). XLA's
+  ``cost_analysis`` counts a loop body once, so a program running attention in query blocks (a ``lax.map``) would
+  report the FLOPs of one block: pass the same computation unblocked, e.g. built from ``unblocked(model)``.
   """
   t0 = time.perf_counter()
   lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(*args)
@@ -227,7 +232,7 @@ def compile_fn(fn: Callable, *args, donate_argnums=(), count_all_buffers: bool =
   seconds = time.perf_counter() - t0
   # FLOPs are counted only if flops_of asks (a second trace, see _cpu_flops); shapes kept, not the arrays
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if _is_array(a) else a, args)
-  _FLOPS_LATER[compiled] = lambda: _cpu_flops(fn, abstract)
+  _FLOPS_LATER[compiled] = lambda: _cpu_flops(flops_fn or fn, abstract)
   return compiled, seconds, _counted(lowered, compiled) if count_all_buffers else _memory_dict(compiled)
 
 
@@ -240,19 +245,13 @@ def counted_memory(fn: Callable, *args) -> dict:
   return _counted(jax.jit(fn).lower(*args))
 
 
-@contextlib.contextmanager
-def unblocked_attention():
-  """Attention traced inside runs without CPU query blocks (``linformer_jax.layers.attention.query_block_rows``):
-  each head's (t, s) scores at once, as in a standard Transformer. For the paper's baseline (bench_efficiency) and
-  for FLOP counts, since XLA's ``cost_analysis`` counts a loop body once: a blocked program's count leaves out all
-  blocks but one. Traces are cached per function object by jax, so trace a fresh function inside."""
-  from linformer_jax.layers import attention
-  saved = attention.CPU_SCORES_BLOCK_BYTES
-  attention.CPU_SCORES_BLOCK_BYTES = float("inf")  # query_block_rows: never above it, so never blocks
-  try:
-    yield
-  finally:
-    attention.CPU_SCORES_BLOCK_BYTES = saved
+def unblocked(model):
+  """``model`` with its attention kernel never in query blocks: ``model.clone(attention_block_rows=0)`` (a field of
+  every model with softmax attention; see ``linformer_jax.layers.default_block_rows``). Each head's (t, s) scores
+  are then held at once, as in a standard Transformer. For the paper's baseline (bench_efficiency) and for FLOP
+  counts (``compile_fn``'s flops_fn), since XLA's ``cost_analysis`` counts a loop body once: a blocked program's
+  count leaves out all blocks but one."""
+  return model.clone(attention_block_rows=0)
 
 
 # For each program compiled by compile_fn, how to count its FLOPs (``_cpu_flops``), run on demand.
@@ -271,16 +270,15 @@ def _flops(analysis) -> float:
 
 def _cpu_flops(fn: Callable, args) -> float:
   """XLA:CPU's FLOP count of ``fn(*args)`` traced as on this backend but lowered for the host CPU (nothing is
-  compiled or run), with attention unblocked (``unblocked_attention``: the model's FLOPs, every query counted once):
-  the count does not depend on where the program would run, and XLA:GPU's own counts are unusable (an H100
-  reported 0 FLOPs for a 4096³ ``jnp.dot``, both before and after optimization)."""
+  compiled or run): the count does not depend on where the program would run, and XLA:GPU's own counts are
+  unusable (an H100 reported 0 FLOPs for a 4096³ ``jnp.dot``, both before and after optimization). A loop body
+  counts once, so fn should run its attention unblocked (``unblocked``; see ``compile_fn``'s flops_fn)."""
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
 
   def on_cpu(a):
     return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu) if _is_array(a) else a
   try:
-    with unblocked_attention():
-      lowered = jax.jit(lambda *a: fn(*a)).lower(*jax.tree.map(on_cpu, args))  # a fresh function: a new trace
+    lowered = jax.jit(lambda *a: fn(*a)).lower(*jax.tree.map(on_cpu, args))  # a fresh function: a new trace
     return _flops(lowered.cost_analysis())
   except Exception as e:  # say so rather than report a wrong count
     warnings.warn(f"flops: lowering for the CPU failed ({type(e).__name__}: {e}); FLOPs reported as 0")
@@ -289,8 +287,8 @@ def _cpu_flops(fn: Callable, args) -> float:
 
 def flops_of(compiled) -> float:
   """XLA's FLOP count of a function (2·M·N·K per matmul plus elementwise ops). For programs from ``compile_fn`` it is
-  XLA:CPU's count of the same function traced again with attention unblocked (``_cpu_flops``; on CPU the count of an
-  unblocked program equals its compiled program's); for anything else the compiled program's own count."""
+  XLA:CPU's count of its flops_fn (default: the compiled function) traced again (``_cpu_flops``; on CPU the count
+  of an unblocked program equals its compiled program's); for anything else the compiled program's own count."""
   if compiled in _FLOPS_LATER:
     return _FLOPS_LATER[compiled]()
   return _flops(compiled.cost_analysis())

@@ -1,7 +1,7 @@
 """Linformer paper Table 3 on this machine: inference time and memory saved by Linformer over a Transformer.
 
     python -m experiments.bench_efficiency --out DIR [--quick] [--max-mem-gib G] [--ns N,...] [--tokens T]
-        [--sections time,memory]
+        [--sections time,memory] [--attention-block-rows R]
 
 Both models are ``linformer_jax.models.Linformer`` with the same block (pre-LN, GELU FF, no dropout); the
 Transformer is ``attention="full"`` (``softmax_attention``: for float32 heads-first einsums on every backend — the
@@ -13,10 +13,12 @@ reported separately).
 
 The baseline is the paper's *standard* Transformer, which holds each head's n × n scores at once. On CPU our
 ``softmax_attention`` would otherwise run large score arrays in query blocks recomputed in the backward pass
-(``attention.query_block_rows``: exact, faster there, and never holding the n × n scores), so the baseline is traced
-with those blocks off; the blocked Transformer is measured in the same rounds as a second baseline
-(``*_full_blocked_*`` columns, ratios ``time_saved_blocked`` / ``mem_saved_blocked``): what Linformer saves over the
-best exact attention we have on CPU. Off the CPU there are no query blocks, and no second baseline.
+(``linformer_jax.layers.default_block_rows``: exact, faster there, and never holding the n × n scores), so the
+baseline is built with those blocks off (``bench_common.unblocked``: ``attention_block_rows=0``); the blocked
+Transformer is measured in the same rounds as a second baseline (``*_full_blocked_*`` columns, ratios
+``time_saved_blocked`` / ``mem_saved_blocked``): what Linformer saves over the best exact attention we have on CPU.
+Off the CPU there are no query blocks, and no second baseline. ``--attention-block-rows R`` sets the blocks of the
+Linformer and of the blocked Transformer (R queries per block, 0 = none) instead of the backend's default rule.
 
 Section "time+memory" (timed): dim 256, 4 heads (head dim 64), FF 1024, depth 2, batch = max(1, 8192 // n)
 sequences (the paper measured at the largest batch that fits; here the batch keeps ~8k tokens per call).
@@ -40,14 +42,12 @@ Writes DIR/efficiency.{json,md,png}.
 """
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 
 from experiments.bench_common import (bench_parser, blocking, compile_fn, counted_memory, finish, first_run_rss_rise,
                                       flops_of, fmt_bytes, interleaved_median_times, memory_budget, random_like,
-                                      on_accelerator, sweep_mode, unblocked_attention, write_plot)
+                                      on_accelerator, sweep_mode, unblocked, write_plot)
 from linformer_jax.models import Linformer
 
 # Linformer paper (arXiv 2006.04768) Table 3: (time saved ×, memory saved ×) by (n, k); V100, max batch.
@@ -87,15 +87,17 @@ def _model(n, k, attention, geometry):
 def _compile_forward(model, x_shape, run=True, standard=False):
   """(compiled program to run or None, abstract variables, compile seconds, counted memory).
 
-  standard: traced under ``bench_common.unblocked_attention`` (a fresh function object, so that no trace made with
-  query blocks is reused from jax's caches)."""
+  standard: the model with its attention never in query blocks (``bench_common.unblocked``: each head's n × n
+  scores at once). FLOPs (``flops_of``) are always counted on the unblocked model: a loop body counts once."""
   x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
-  fn = (lambda v, inputs: model.apply(v, inputs)) if standard else model.apply
-  with unblocked_attention() if standard else contextlib.nullcontext():
-    if not run:
-      return None, variables, 0.0, counted_memory(fn, variables, x)
-    compiled, seconds, memory = compile_fn(fn, variables, x, count_all_buffers=True)
+  standard_model = unblocked(model)
+  if standard:
+    model = standard_model
+  if not run:
+    return None, variables, 0.0, counted_memory(model.apply, variables, x)
+  compiled, seconds, memory = compile_fn(model.apply, variables, x, count_all_buffers=True,
+                                         flops_fn=standard_model.apply)
   return compiled, variables, seconds, memory
 
 
@@ -216,8 +218,12 @@ def memory_section(sweep):
   return rows
 
 
-def run(mode: str, repeats: int, max_mem_gib=None, ns=None, tokens=None, sections=("time", "memory")):
+def run(mode: str, repeats: int, max_mem_gib=None, ns=None, tokens=None, sections=("time", "memory"),
+        block_rows=None):
   sweep = dict(SWEEPS[mode])
+  if block_rows is not None:  # the models' query blocks (attention_block_rows), recorded in each row's geometry
+    for key in ("model", "mem_model"):
+      sweep[key] = dict(sweep[key], attention_block_rows=block_rows)
   if tokens:  # tokens per timed call (batch = max(1, tokens // n)): a GPU needs more than ~8k to be filled
     sweep["tokens"] = tokens
   if ns:  # a subset of the sequence lengths (e.g. one n again with a larger memory budget)
@@ -259,9 +265,13 @@ def main(argv=None):
                  help="tokens per timed call, batch = max(1, tokens // n) (default: 8192; quick: 4096)")
   p.add_argument("--sections", default="time,memory",
                  help="comma-separated subset of: time (the timed section), memory (the memory-only section)")
+  p.add_argument("--attention-block-rows", type=int, default=None,
+                 help="queries per attention block of the Linformer and the blocked Transformer (0 = no blocks; "
+                      "default: the backend's rule, blocks only for large scores on the CPU)")
   args = p.parse_args(argv)
   mode = sweep_mode(args)
-  rows = run(mode, max(args.repeats, 5), args.max_mem_gib, args.ns, args.tokens, args.sections.split(","))
+  rows = run(mode, max(args.repeats, 5), args.max_mem_gib, args.ns, args.tokens, args.sections.split(","),
+             args.attention_block_rows)
   return finish(args, "efficiency", rows, COLUMNS, "Linformer vs Transformer inference (paper Table 3)",
                 "time_saved = time_full_s / time_linformer_s (same run, interleaved, median of >= 5); "
                 "mem = XLA temp + argument bytes of the jitted forward, every buffer counted (on CPU compiled "

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from experiments import bench_torch
 from experiments.bench_common import (bench_parser, blocking, compile_fn, finish, first_run_rss_rise, flops_of,
                                       host_load, interleaved_median_times, random_like, sweep_mode,
-                                      torch_device_spec, write_plot)
+                                      torch_device_spec, unblocked, write_plot)
 from linformer_jax.models import create_model
 
 MODELS = {"N12": "xcit_nano_12_p16_224", "T12": "xcit_tiny_12_p16_224", "S12": "xcit_small_12_p16_224",
@@ -53,7 +53,8 @@ def compile_model(name: str, res: int, **overrides):
   model = create_model(name, **overrides)
   images = jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32)
   abstract = jax.eval_shape(model.init, jax.random.key(0), images)
-  compiled, seconds, memory = compile_fn(model.apply, abstract, images, count_all_buffers=True)
+  flops_fn = unblocked(model).apply if "attention_block_rows" in model.__dataclass_fields__ else None
+  compiled, seconds, memory = compile_fn(model.apply, abstract, images, count_all_buffers=True, flops_fn=flops_fn)
   variables = random_like(abstract)
   x = random_like(images, seed=1, scale=1.0)
   return compiled, (variables, x), seconds, memory

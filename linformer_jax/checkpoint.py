@@ -10,6 +10,9 @@ a warning and moved to ``<directory>.corrupt/<step>-<time>``, and the previous o
 ``CheckpointCorruptError``. A checkpoint whose arrays do not match the target (another model config) raises
 ``CheckpointMismatchError`` naming the differing arrays — it is not skipped, since every checkpoint of that
 directory was written by the other config.
+
+``restore_variables`` + ``take_matching`` start a run from another checkpoint's weights (the trainer's
+``init_from``): every variable whose path and shape match is taken.
 """
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ import time
 import warnings
 from typing import Any, Callable, Optional
 
+import flax
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 logger = logging.getLogger(__name__)
@@ -212,3 +217,43 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def restore_variables(directory: str | os.PathLike) -> dict[str, Any]:
+  """The variable collections ({"params": …, "batch_stats": …, …}) stored in an Orbax checkpoint directory.
+
+  Accepted: a ``StandardCheckpointer`` directory holding a variables dict (``python -m linformer_jax.convert``),
+  a run's ``checkpoints/`` directory (its latest step) or one step of it (``checkpoints/<step>``); a train state's
+  ``params`` and ``model_state`` collections are returned as variables.
+
+  Raises:
+    FileNotFoundError: ``directory`` is not a directory.
+  """
+  directory = os.path.abspath(os.path.expanduser(os.fspath(directory)))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoint directory at {directory!r}.")
+  if any(name.isdigit() for name in os.listdir(directory)):  # a Checkpointer directory: its latest step
+    checkpointer = Checkpointer(directory, asynchronous=False)
+    try:
+      tree, _ = checkpointer.restore_raw()
+    finally:
+      checkpointer.close()
+  else:
+    item = os.path.join(directory, "state")  # one step of a Checkpointer directory
+    with ocp.StandardCheckpointer() as ckptr:
+      tree = ckptr.restore(item if os.path.isdir(item) else directory)
+  if "opt_state" in tree and "model_state" in tree:  # a TrainState
+    return {"params": tree["params"], **tree["model_state"]}
+  return dict(tree)
+
+
+def take_matching(variables: dict[str, Any], loaded: dict[str, Any]) -> dict[str, Any]:
+  """``variables`` with every array replaced by the ``loaded`` one at the same collection and path when the shapes
+  agree (cast to the target's dtype); the others (e.g. a classifier head of another size) are kept."""
+  flat_loaded = flax.traverse_util.flatten_dict(loaded)
+  flat = flax.traverse_util.flatten_dict(variables)
+  for key, value in flat.items():
+    src = flat_loaded.get(key)
+    if src is not None and tuple(src.shape) == tuple(value.shape):
+      flat[key] = jnp.asarray(src, value.dtype)
+  return flax.traverse_util.unflatten_dict(flat)

@@ -68,7 +68,6 @@ except ``momentum``/``beta2``, which must stay None for adamw (use b1/b2).
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -77,7 +76,7 @@ import ml_collections
 import optax
 from ml_collections import config_dict
 
-from linformer_jax._validate import check_choice, check_int
+from linformer_jax._validate import check_bool, check_choice, check_int, check_real
 
 NAMES = ("adafactor", "adamw")
 SCHEDULES = ("constant", "rsqrt", "cosine", "relative_step")
@@ -254,30 +253,6 @@ def _no_bias_norm_mask(params):
 # Validation
 
 
-def _real(x) -> bool:
-  return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _check_real(name, value, *, low=None, high=None, low_open=False, high_open=False, allow_none=False,
-                why=""):
-  if value is None and allow_none:
-    return
-  if not _real(value):
-    raise TypeError(f"{name} must be a float{' or None' if allow_none else ''}, got {value!r}.")
-  lo_ok = low is None or (value > low if low_open else value >= low)
-  hi_ok = high is None or (value < high if high_open else value <= high)
-  if not (lo_ok and hi_ok):
-    lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
-    hi = "" if high is None else f"{high}" + (")" if high_open else "]")
-    if low is None:
-      rng = f"<{'' if high_open else '='} {high}"
-    elif high is None:
-      rng = f">{'' if low_open else '='} {low}"
-    else:
-      rng = f"in {lo}, {hi}"
-    raise ValueError(f"{name}={value!r} is out of range; it must be {rng}{why}.")
-
-
 def _config_dict(opt_config) -> dict:
   cfg = opt_config.to_dict() if hasattr(opt_config, "to_dict") else dict(opt_config)
   defaults = default_optimizer_config().to_dict()
@@ -296,8 +271,7 @@ def _validate(c: dict, total_steps: int) -> None:
   check_int("warmup_steps", c["warmup_steps"], minimum=0)
   check_int("min_dim_size_to_factor", c["min_dim_size_to_factor"], minimum=1)
   for flag in ("factored", "multiply_by_parameter_scale"):
-    if not isinstance(c[flag], bool):
-      raise TypeError(f"{flag} must be a bool, got {c[flag]!r}.")
+    check_bool(flag, c[flag])
   k = c["accumulate_steps"]
   if total_steps < k:
     raise ValueError(f"total_steps={total_steps} is smaller than accumulate_steps={k}: no update would be applied.")
@@ -322,34 +296,34 @@ def _validate(c: dict, total_steps: int) -> None:
     if lr is None:
       raise ValueError(f"learning_rate=None is only allowed with schedule='relative_step'; schedule={sched!r} needs "
                        "a float learning_rate > 0.")
-    _check_real("learning_rate", lr, low=0.0, low_open=True)
+    check_real("learning_rate", lr, low=0.0, low_open=True)
   if sched == "rsqrt" and warmup < 1:
     raise ValueError(f"warmup_steps={warmup} is out of range for schedule='rsqrt'; it must be >= 1 "
                      "(lr · min(1, s/w) · sqrt(w / max(s, w)) is undefined for w = 0).")
   if sched == "cosine" and warmup >= horizon:
     raise ValueError(f"warmup_steps={warmup} must be < the number of optimizer updates "
                      f"total_steps // accumulate_steps = {total_steps} // {k} = {horizon} for schedule='cosine'.")
-  _check_real("end_lr_fraction", c["end_lr_fraction"], low=0.0, high=1.0)
+  check_real("end_lr_fraction", c["end_lr_fraction"], low=0.0, high=1.0)
   if c["end_lr_fraction"] != 0 and sched != "cosine":
     raise ValueError(f"end_lr_fraction={c['end_lr_fraction']!r} is only used by schedule='cosine' "
                      f"(got schedule={sched!r}); set it to 0.0.")
-  _check_real("weight_decay", c["weight_decay"], low=0.0)
-  _check_real("grad_clip_norm", c["grad_clip_norm"], low=0.0, low_open=True, allow_none=True)
+  check_real("weight_decay", c["weight_decay"], low=0.0)
+  check_real("grad_clip_norm", c["grad_clip_norm"], low=0.0, low_open=True, allow_none=True)
 
   if name == "adafactor":
-    _check_real("clipping_threshold", c["clipping_threshold"], low=1.0, allow_none=True,
-                why=" (Adafactor's update clipping d; None disables it)")
-    _check_real("momentum", c["momentum"], low=0.0, high=1.0, high_open=True, allow_none=True)
-    _check_real("decay_rate", c["decay_rate"], low=0.0, high=1.0, low_open=True)
-    _check_real("beta2", c["beta2"], low=0.0, high=1.0, low_open=True, high_open=True, allow_none=True)
+    check_real("clipping_threshold", c["clipping_threshold"], low=1.0, allow_none=True,
+               why=" (Adafactor's update clipping d; None disables it)")
+    check_real("momentum", c["momentum"], low=0.0, high=1.0, high_open=True, allow_none=True)
+    check_real("decay_rate", c["decay_rate"], low=0.0, high=1.0, low_open=True)
+    check_real("beta2", c["beta2"], low=0.0, high=1.0, low_open=True, high_open=True, allow_none=True)
   else:
     for field, use in (("momentum", "b1"), ("beta2", "b2")):
       if c[field] is not None:
         raise ValueError(f"{field}={c[field]!r} is an Adafactor field; for name='adamw' set {use} instead and leave "
                          f"{field}=None.")
-    _check_real("b1", c["b1"], low=0.0, high=1.0, high_open=True)
-    _check_real("b2", c["b2"], low=0.0, high=1.0, high_open=True)
-    _check_real("eps", c["eps"], low=0.0, low_open=True)
+    check_real("b1", c["b1"], low=0.0, high=1.0, high_open=True)
+    check_real("b2", c["b2"], low=0.0, high=1.0, high_open=True)
+    check_real("eps", c["eps"], low=0.0, low_open=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

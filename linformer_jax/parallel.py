@@ -15,7 +15,7 @@ Mesh axes use ``AxisType.Auto`` (``jax.make_mesh`` defaults to Explicit axes in 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -188,3 +188,120 @@ def split_for_pmap(host_batch: Mapping[str, Any], devices: Sequence[jax.Device])
 def _stack_on_rows(a, devices):
   return jax.make_array_from_single_device_arrays(
       a.shape, _pmap_sharding(devices, a.ndim), [jax.device_put(a[i:i + 1], d) for i, d in enumerate(devices)])
+
+
+# ---- one object per run -------------------------------------------------------------------------------
+class DataParallel:
+  """How a run places its state and batches and runs its steps: built once from the config
+  (``create_data_parallel``), then the loop only calls ``train_step``/``eval_step`` and saves ``saved_view``.
+
+  Attributes:
+    axis_name: the mapped axis the step functions reduce over (None under ``jax.jit``, "batch" under pmap).
+    n_data: the number of data-parallel devices (all processes), which must divide the global batches.
+  """
+  axis_name: Optional[str] = None
+  n_data: int = 1
+
+  def check_batch(self, batch_size: int, name: str) -> None:
+    check_global_batch(batch_size, self.n_data, name)
+
+  def step_model(self, model):
+    """The module the train step runs (pmap: cross-replica BatchNorm statistics where the model has them)."""
+    return model
+
+  def restore_target(self, state: Any) -> Any:
+    """A fresh single-device state → the state a checkpoint is restored into (and the run starts from when there
+    is none)."""
+    return state
+
+  def place(self, state: Any) -> Any:
+    """The restored (or fresh) state → where the steps take it (fresh buffers, safe to donate)."""
+    return state
+
+  def compile(self, train_fn, eval_fn, state: Any) -> None:
+    """Compiles ``train_fn(state, batch, rng)`` and ``eval_fn(state, batch)`` for ``state``'s placement."""
+    raise NotImplementedError
+
+  def make_rng(self, make_key: Callable[[], jax.Array]) -> jax.Array:
+    """The key ``make_key()`` returns, where the train step takes it (replicated over the mesh under jit)."""
+    return make_key()
+
+  def train_step(self, state: Any, host_batch: Mapping[str, Any], rng: jax.Array):
+    """This process's rows of the global batch → (new state, metrics on every device)."""
+    return self._train(state, self._batch(host_batch), rng)
+
+  def eval_step(self, state: Any, host_batch: Mapping[str, Any]):
+    return self._eval(state, self._batch(host_batch))
+
+  def saved_view(self, state: Any) -> Any:
+    """What a checkpoint holds: one copy of the state."""
+    return state
+
+
+class JitDataParallel(DataParallel):
+  """``jax.jit`` with NamedShardings over a ("data", "fsdp") mesh (``state_shardings``: replicated or ZeRO-3)."""
+
+  def __init__(self, mesh_config=None):
+    self.mesh = make_mesh(mesh_config)
+    self.n_data = data_parallel_size(self.mesh)
+    self.batch_sh, self.repl = batch_sharding(self.mesh), replicated(self.mesh)
+    self.state_sh = None
+
+  def restore_target(self, state):
+    """Global sharded buffers: checkpoints restore straight into them."""
+    self.state_sh = state_shardings(state, self.mesh)
+    return put_global(state, self.state_sh)
+
+  def make_rng(self, make_key):
+    return jax.jit(make_key, out_shardings=self.repl)()  # a global array, also across processes
+
+  def compile(self, train_fn, eval_fn, state):
+    self._train = jax.jit(train_fn, in_shardings=(self.state_sh, self.batch_sh, self.repl),
+                          out_shardings=(self.state_sh, self.repl), donate_argnums=(0,))
+    self._eval = jax.jit(eval_fn, in_shardings=(self.state_sh, self.batch_sh), out_shardings=self.repl)
+
+  def _batch(self, host_batch):
+    return shard_batch(host_batch, self.batch_sh)
+
+
+class PmapDataParallel(DataParallel):
+  """``jax.pmap`` over the local devices with ``axis_name="batch"``; the state is stacked on a leading device
+  axis and checkpoints hold its first replica."""
+  axis_name = "batch"
+
+  def __init__(self, mesh_config=None):
+    self.devices = pmap_devices(mesh_config)
+    self.n_data = len(self.devices) * jax.process_count()
+
+  def step_model(self, model):
+    if getattr(model, "bn_axis_name", "") is None:
+      return model.clone(bn_axis_name=self.axis_name)  # cross-replica BatchNorm statistics (SyncBatchNorm)
+    return model
+
+  def place(self, state):
+    """One copy per device (checkpoints hold one copy, ``saved_view``)."""
+    return replicate(state, self.devices)
+
+  def compile(self, train_fn, eval_fn, state):
+    del state
+    self._pmap_train = jax.pmap(train_fn, axis_name=self.axis_name, in_axes=(0, 0, None), donate_argnums=(0,),
+                                devices=self.devices)
+    pmap_eval = jax.pmap(eval_fn, axis_name=self.axis_name, devices=self.devices)
+    self._eval = lambda state, batch: unreplicate(pmap_eval(state, batch))
+
+  def _train(self, state, batch, rng):
+    state, metrics = self._pmap_train(state, batch, rng)
+    return state, unreplicate(metrics)
+
+  def _batch(self, host_batch):
+    return split_for_pmap(host_batch, self.devices)
+
+  def saved_view(self, state):
+    return unreplicate(state)
+
+
+def create_data_parallel(parallel: str, mesh_config=None) -> DataParallel:
+  """``parallel`` "jit" | "pmap" and the mesh config → the run's ``DataParallel``."""
+  if parallel == "pmap":
+    return PmapDataParallel(mesh_config)
+  return JitDataParallel(mesh_config)

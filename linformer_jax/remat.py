@@ -30,6 +30,7 @@ checkpoint saved at C0 loads at C1 and C2.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import flax.linen as nn
@@ -67,31 +68,62 @@ def checkpoint_policy(name: str) -> Optional[Callable]:
   return getattr(policies, name)
 
 
-def _remat_at(levels: tuple[str, ...], target, level: str, policy: str, static_argnums: tuple[int, ...],
-              scanned: bool):
-  if level not in levels:
-    return target
-  return nn.remat(target, policy=checkpoint_policy(policy), static_argnums=static_argnums,
-                  prevent_cse=not scanned)
+@dataclasses.dataclass(frozen=True)
+class RematPlan:
+  """A checkpoint level decoded once into what it means (hashable, so models pass it to their blocks).
 
-
-def remat_sublayer(target, level: str, policy: str, static_argnums: tuple[int, ...] = (),
-                   scanned: bool = False):
-  """``nn.remat(target)`` at C1 (one region per sub-layer), ``target`` itself at C0 and C2.
-
-  target: a module class, or a function whose first argument is a module (flax's lifted form).
-  static_argnums count ``self`` (or that module argument) as 0, e.g. (2,) for ``__call__(self, x,
-  deterministic)``. Inside ``nn.scan`` CSE cannot merge the recomputation, so ``prevent_cse`` is off there
-  (faster).
+  Attributes:
+    level: "C0" | "C1" | "C2".
+    policy: what rematerialised regions keep (``REMAT_POLICIES``).
+  Properties: ``layer_region`` (C2: each layer is one region), ``sublayer_regions`` (C1: each sub-layer is one
+  region), ``per_head`` (C2: the attention core one head at a time), ``chunked_ff`` (C2: the feed-forward in
+  sequence chunks), ``head_policy`` (the policy name when ``per_head``, else None).
   """
-  return _remat_at(("C1",), target, level, policy, static_argnums, scanned)
+  level: str = "C0"
+  policy: str = "nothing_saveable"
 
+  def __post_init__(self):
+    validate_remat(self.level, self.policy)
 
-def remat_layer(target, level: str, policy: str, static_argnums: tuple[int, ...] = (),
-                scanned: bool = False):
-  """``nn.remat(target)`` at C2 (one region per layer), ``target`` itself at C0 and C1. Arguments as
-  ``remat_sublayer``."""
-  return _remat_at(("C2",), target, level, policy, static_argnums, scanned)
+  @property
+  def layer_region(self) -> bool:
+    return self.level == "C2"
+
+  @property
+  def sublayer_regions(self) -> bool:
+    return self.level == "C1"
+
+  @property
+  def per_head(self) -> bool:
+    return self.level == "C2"
+
+  @property
+  def chunked_ff(self) -> bool:
+    return self.level == "C2"
+
+  @property
+  def head_policy(self) -> Optional[str]:
+    return self.policy if self.per_head else None
+
+  def _region(self, on: bool, target, static_argnums: tuple[int, ...], scanned: bool):
+    if not on:
+      return target
+    return nn.remat(target, policy=checkpoint_policy(self.policy), static_argnums=static_argnums,
+                    prevent_cse=not scanned)
+
+  def sublayer(self, target, static_argnums: tuple[int, ...] = (), scanned: bool = False):
+    """``nn.remat(target)`` when ``sublayer_regions`` (C1), else ``target`` itself.
+
+    target: a module class, or a function whose first argument is a module (flax's lifted form).
+    static_argnums count ``self`` (or that module argument) as 0, e.g. (2,) for ``__call__(self, x,
+    deterministic)``. Inside ``nn.scan`` CSE cannot merge the recomputation, so ``prevent_cse`` is off there
+    (faster).
+    """
+    return self._region(self.sublayer_regions, target, static_argnums, scanned)
+
+  def layer(self, target, static_argnums: tuple[int, ...] = (), scanned: bool = False):
+    """``nn.remat(target)`` when ``layer_region`` (C2), else ``target`` itself. Arguments as ``sublayer``."""
+    return self._region(self.layer_region, target, static_argnums, scanned)
 
 
 def map_heads(fn: Callable, policy: str, *arrays: jax.Array, head_axis: int = 2,

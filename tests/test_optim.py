@@ -614,3 +614,15 @@ def test_unknown_field_and_dict_config():
   assert float(opt.schedule(3)) == pytest.approx(1e-3)
   with pytest.raises(TypeError, match="accumulate_steps"):
     make_optimizer({"accumulate_steps": 2.0}, 10)
+
+
+def test_type_errors_name_the_field_and_what_is_allowed():
+  """The optimizer's checks are _validate's: the message names the field, the value and the allowed range."""
+  with pytest.raises(TypeError, match=r"weight_decay must be a float >= 0.0, got 'big'"):
+    make_optimizer({"weight_decay": "big"}, 10)
+  with pytest.raises(TypeError, match=r"grad_clip_norm must be a float > 0.0 or None, got True"):
+    make_optimizer({"grad_clip_norm": True}, 10)
+  with pytest.raises(TypeError, match=r"factored must be a bool \(True/False\), got 1"):
+    make_optimizer({"factored": 1}, 10)
+  with pytest.raises(ValueError, match=r"clipping_threshold=0.5 is out of range; it must be >= 1.0 \(Adafactor"):
+    make_optimizer({"clipping_threshold": 0.5}, 10)

@@ -10,7 +10,8 @@ from linformer_jax import checkpoint as ckpt_lib
 from linformer_jax import parallel as par
 from linformer_jax.data import make_dataset
 from linformer_jax.optim import make_optimizer
-from linformer_jax.train import build_model, init_state, make_train_step, train_and_evaluate
+from linformer_jax.steps import build_model, init_state, make_train_step
+from linformer_jax.train import train_and_evaluate
 from helpers import train_config
 
 TOL = 1e-6

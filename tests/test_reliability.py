@@ -17,7 +17,9 @@ import pytest
 from jax._src import dispatch
 
 from linformer_jax import checkpoint as ckpt_lib
+from linformer_jax import preemption, steps
 from linformer_jax import train as train_lib
+from linformer_jax import workdir as workdir_lib
 from linformer_jax.convert import from_timm_xcit, load_state_dict
 from linformer_jax.data import make_dataset
 from linformer_jax.models import LinformerLM
@@ -92,9 +94,9 @@ def _mismatched_checkpoint(corpus, workdir):
   """A checkpoint of the dim=24 config (zeros, written without compiling anything) in ``workdir``."""
   config = _tiny(corpus, **{"model.dim": 24})
   dataset = make_dataset(config.data, str(workdir))
-  model = train_lib.build_model(config.model, dataset.info)
+  model = steps.build_model(config.model, dataset.info)
   tx = make_optimizer(config.optimizer, config.total_steps).tx
-  abstract = train_lib.abstract_train_state(model, tx, dataset.batch_at(0, config.batch_size), "mlm")
+  abstract = steps.abstract_train_state(model, tx, dataset.batch_at(0, config.batch_size), "mlm")
   state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
   checkpointer = ckpt_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", asynchronous=False)
   checkpointer.save(3, state, {"step": 3, "data_step": 3, "config": json.loads(config.to_json_best_effort())})
@@ -118,12 +120,12 @@ def _model_call(make, *args, **kwargs):
 
 
 def _no_space(ctx):
-  ctx.monkeypatch.setattr(train_lib.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1 << 20))
+  ctx.monkeypatch.setattr(workdir_lib.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1 << 20))
   return _cfg()(ctx)
 
 
 def _bad_fault_hook(ctx):
-  ctx.monkeypatch.setenv(train_lib.FAULT_ENV, "KILL@x")
+  ctx.monkeypatch.setenv(preemption.FAULT_ENV, "KILL@x")
   return _cfg()(ctx)
 
 
@@ -198,7 +200,7 @@ BAD_INPUTS = {
     "workdir unwritable": ("workdir under a regular file", _train(lambda ctx: _tiny(ctx.corpus), _regular_file),
                            OSError, ["workdir=", "is not writable", "pick a writable --workdir"], False),
     "disk full": ("1 MiB free", _no_space, OSError, ["not enough free disk space", "MiB free"], True),
-    "fault hook malformed": (f"{train_lib.FAULT_ENV}=KILL@x", _bad_fault_hook, ValueError,
+    "fault hook malformed": (f"{preemption.FAULT_ENV}=KILL@x", _bad_fault_hook, ValueError,
                              ["LINFORMER_JAX_FAULT='KILL@x'", "KILL, TERM, INT"], False),
     "checkpoint of another config": ("workdir holds a dim=24 checkpoint", _train(_mismatch), ValueError,
                                      ["checkpoint 3", "different model", "params.", "checkpoint (24,",
@@ -268,10 +270,10 @@ def _cli(workdir, corpus, cache, compilation_cache=True):
 
 
 def _run(cmd, fault=None, **popen):
-  env = {k: v for k, v in os.environ.items() if k != train_lib.FAULT_ENV}
+  env = {k: v for k, v in os.environ.items() if k != preemption.FAULT_ENV}
   env["JAX_PLATFORMS"] = "cpu"
   if fault:
-    env[train_lib.FAULT_ENV] = fault
+    env[preemption.FAULT_ENV] = fault
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
@@ -348,7 +350,7 @@ def test_stop_request_turns_signals_into_a_flag_and_restores_handlers():
   outer = lambda signum, frame: calls.append(signum)  # a known previous handler (the worker's may be anything)
   saved = {s: signal.signal(s, outer) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
-    stop = train_lib.StopRequest().install()
+    stop = preemption.StopRequest().install()
     try:
       assert stop.signum is None
       # raise_signal runs the Python handler in this thread before it returns (os.kill may land on a JAX thread)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from linformer_jax import _validate
 from linformer_jax.layers import FeedForward, FullSelfAttention, LinformerSelfAttention, SeqProjection, TokenEmbedder
 from linformer_jax.models import Linformer, LinformerClassifier, LinformerEncDec, LinformerLM
 
@@ -212,3 +213,68 @@ def test_call_time_errors_also_on_apply():
       jax.eval_shape(functools.partial(model.apply, mask=bad_mask), variables, bad_x)
   # and the valid call goes through
   assert jax.eval_shape(functools.partial(model.apply, mask=MASK), variables, X).shape == X.shape
+
+
+# ---- the one validation vocabulary (linformer_jax._validate) ------------------------------------------------------
+
+VOCAB_ERRORS = {
+    "int not int": (lambda: _validate.check_int("data.seed", 1.5, minimum=0), TypeError,
+                    ["data.seed must be an int", "1.5", "float"]),
+    "int or None": (lambda: _validate.check_int("num_eval", "x", minimum=1, allow_none=True), TypeError,
+                    ["num_eval must be an int or None", "'x'"]),
+    "int bool": (lambda: _validate.check_int("depth", True), TypeError, ["depth must be an int", "True"]),
+    "int below": (lambda: _validate.check_int("step", -1, minimum=0), ValueError, ["step=-1", ">= 0"]),
+    "int above": (lambda: _validate.check_int("k", 9, maximum=8), ValueError, ["k=9", "<= 8"]),
+    "real not real": (lambda: _validate.check_real("weight_decay", "big", low=0.0), TypeError,
+                      ["weight_decay must be a float >= 0.0", "'big'"]),
+    "real open low": (lambda: _validate.check_real("learning_rate", 0.0, low=0.0, low_open=True), ValueError,
+                      ["learning_rate=0.0", "> 0.0"]),
+    "real interval": (lambda: _validate.check_real("beta2", 1.0, low=0.0, high=1.0, low_open=True, high_open=True),
+                      ValueError, ["beta2=1.0", "in (0.0, 1.0)"]),
+    "real upper": (lambda: _validate.check_real("x", 3, high=2), ValueError, ["x=3", "<= 2"]),
+    "real why": (lambda: _validate.check_real("d", 0.5, low=1.0, why=" (clipping)"), ValueError,
+                 ["d=0.5", ">= 1.0 (clipping)"]),
+    "real None": (lambda: _validate.check_real("eps", None, low=0.0), TypeError, ["eps must be a float", "None"]),
+    "rate 1": (lambda: _validate.check_rate("dropout", 1.0), ValueError, ["dropout=1.0", "in [0, 1)"]),
+    "rate str": (lambda: _validate.check_rate("dropout", "0.1"), TypeError,
+                 ["dropout must be a float in [0, 1)", "'0.1'"]),
+    "rate no zero": (lambda: _validate.check_rate("data.mask_rate", 0.0, allow_zero=False), ValueError,
+                     ["data.mask_rate=0.0", "in (0, 1)"]),
+    "bool": (lambda: _validate.check_bool("data.augment", 1), TypeError, ["data.augment must be a bool", "1"]),
+    "choice": (lambda: _validate.check_choice("split", "dev", ("val", "test")), ValueError,
+               ["split='dev'", "'val'", "'test'"]),
+    "fields": (lambda: _validate.check_fields(["dimm"], ["dim", "depth"], what="model", scope="name='x'"),
+               ValueError, ["unknown model field dimm", "did you mean 'dim'", "allowed fields for name='x'",
+                            "depth, dim"]),
+}
+
+
+@pytest.mark.parametrize("case", list(VOCAB_ERRORS))
+def test_validate_messages_name_argument_value_and_allowed(case):
+  call, exc, substrings = VOCAB_ERRORS[case]
+  with pytest.raises(exc) as info:
+    call()
+  _check_message(info.value, substrings)
+
+
+def test_validate_accepts_valid_values():
+  _validate.check_int("n", None, allow_none=True)
+  _validate.check_int("n", 3, minimum=3, maximum=3)
+  _validate.check_real("x", None, allow_none=True)
+  _validate.check_real("x", 1, low=1, high=1)  # inclusive bounds; an int is a real
+  _validate.check_rate("dropout", 0.0)
+  _validate.check_rate("mask_rate", 0.5, allow_zero=False)
+  _validate.check_bool("flag", False)
+  _validate.check_fields(["dim"], ["dim", "depth"], what="model")
+
+
+def test_one_check_family():
+  """The data and optimizer checkers were folded into _validate: no second family is left."""
+  from linformer_jax import optim
+  from linformer_jax.data import base, images, listops, mlm, registry
+  for module, name in [(base, "check_int_arg"), (base, "check_prob"), (optim, "_check_real"), (optim, "_real")]:
+    assert not hasattr(module, name), f"{module.__name__}.{name}"
+  for module in (base, images, listops, mlm, optim):
+    assert module.check_int is _validate.check_int, module.__name__
+  assert registry.check_fields is _validate.check_fields and optim.check_real is _validate.check_real
+  assert mlm.check_rate is _validate.check_rate

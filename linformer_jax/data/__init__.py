@@ -4,7 +4,8 @@
     batch = ds.batch_at(step, global_batch_size, process_index=i, process_count=n)
     for batch in ds.eval_batches(global_batch_size): ...   # batch["valid"] marks real rows
 
-`ds.info` describes the data (kind, num_classes / vocab_size, max_len / image_shape, num_train,
+`default_data_config(name)` holds the fields of dataset `name` only (its constructor's arguments, see
+`registry`). `ds.info` describes the data (kind, num_classes / vocab_size, max_len / image_shape, num_train,
 num_eval, majority_accuracy / unigram_perplexity, pad_id). See `base` for the ordering and seeding rules.
 Nothing is downloaded; only numpy (+ scikit-learn for digits) is used.
 """
@@ -12,7 +13,7 @@ from linformer_jax.data.base import Dataset
 from linformer_jax.data.images import ImageDataset
 from linformer_jax.data.listops import ListOpsDataset
 from linformer_jax.data.mlm import MLMDataset
-from linformer_jax.data.registry import DATASETS, default_data_config, make_dataset
+from linformer_jax.data.registry import DATASETS, data_fields, default_data_config, make_dataset
 
-__all__ = ["DATASETS", "Dataset", "ImageDataset", "ListOpsDataset", "MLMDataset", "default_data_config",
-           "make_dataset"]
+__all__ = ["DATASETS", "Dataset", "ImageDataset", "ListOpsDataset", "MLMDataset", "data_fields",
+           "default_data_config", "make_dataset"]

@@ -19,38 +19,19 @@ Nothing is iterator state: resuming at step ``s`` is calling ``batch_at(s, ...)`
 from __future__ import annotations
 
 import collections
-import numbers
 import os
 import threading
 from typing import Any, Dict, Iterator, Optional, Sequence
 
 import numpy as np
 
+from linformer_jax._validate import check_choice, check_int
+
 Batch = Dict[str, np.ndarray]
 
 # Stream tags of the per-example random generators (see the module docstring).
 TRAIN_STREAM = 0
 EVAL_STREAM = 1
-
-
-def check_int_arg(name: str, value: Any, *, minimum: Optional[int] = None, allow_none: bool = False) -> None:
-  """Raises TypeError unless `value` is an int (not a bool), ValueError if below `minimum`."""
-  if value is None and allow_none:
-    return
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise TypeError(f"{name} must be an int{' or None' if allow_none else ''}, got {value!r} "
-                    f"of type {type(value).__name__}.")
-  if minimum is not None and value < minimum:
-    raise ValueError(f"{name}={value} is out of range; it must be >= {minimum}.")
-
-
-def check_prob(name: str, value: Any, *, low_open: bool = True) -> None:
-  """Raises unless `value` is a real number in (0, 1) (or [0, 1) with low_open=False)."""
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise TypeError(f"{name} must be a float in (0, 1), got {value!r}.")
-  ok = (0.0 < value < 1.0) if low_open else (0.0 <= value < 1.0)
-  if not ok:
-    raise ValueError(f"{name}={value} is out of range; it must be in {'(0' if low_open else '[0'}, 1).")
 
 
 def resolve_cache_dir(cache_dir: Optional[str], workdir: Optional[str]) -> str:
@@ -91,8 +72,8 @@ class Dataset:
   EVAL_SPLITS: Sequence[str] = ("eval",)
 
   def __init__(self, *, seed: int, num_train: int):
-    check_int_arg("data.seed", seed, minimum=0)
-    check_int_arg("num_train", num_train, minimum=1)
+    check_int("data.seed", seed, minimum=0)
+    check_int("num_train", num_train, minimum=1)
     self.seed = int(seed)
     self.num_train = int(num_train)
     self.info: Dict[str, Any] = {}
@@ -128,8 +109,8 @@ class Dataset:
 
   def global_indices(self, step: int, batch_size: int) -> np.ndarray:
     """Train-set indices (int64 (batch_size,)) of the global batch at `step`."""
-    check_int_arg("step", step, minimum=0)
-    check_int_arg("batch_size", batch_size, minimum=1)
+    check_int("step", step, minimum=0)
+    check_int("batch_size", batch_size, minimum=1)
     pos = int(step) * int(batch_size) + np.arange(batch_size, dtype=np.int64)
     epochs = pos // self.num_train
     within = pos % self.num_train
@@ -141,9 +122,9 @@ class Dataset:
 
   @staticmethod
   def _host_rows(batch_size: int, process_index: int, process_count: int) -> np.ndarray:
-    check_int_arg("batch_size", batch_size, minimum=1)
-    check_int_arg("process_count", process_count, minimum=1)
-    check_int_arg("process_index", process_index, minimum=0)
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("process_count", process_count, minimum=1)
+    check_int("process_index", process_index, minimum=0)
     if process_index >= process_count:
       raise ValueError(f"process_index={process_index} is out of range; it must be < process_count="
                        f"{process_count}.")
@@ -168,7 +149,7 @@ class Dataset:
       dict of numpy arrays with leading dimension `batch_size // process_count` (keys per dataset).
     """
     rows = self._host_rows(batch_size, process_index, process_count)
-    check_int_arg("step", step, minimum=0)
+    check_int("step", step, minimum=0)
     indices = self.global_indices(step, batch_size)[rows]
     return self._train_examples(indices, int(step), rows)
 
@@ -183,9 +164,7 @@ class Dataset:
     """
     rows = self._host_rows(batch_size, process_index, process_count)
     split = self.EVAL_SPLITS[0] if split is None else split
-    if split not in self.EVAL_SPLITS:
-      allowed = ", ".join(repr(s) for s in self.EVAL_SPLITS)
-      raise ValueError(f"split={split!r} is not supported; allowed values: {allowed}.")
+    check_choice("split", split, self.EVAL_SPLITS)
     n = self._num_eval_examples(split)  # May raise FileNotFoundError (e.g. a missing test file).
     return self._eval_iter(n, batch_size, rows, split)
 

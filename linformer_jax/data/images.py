@@ -28,7 +28,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from linformer_jax.data.base import TRAIN_STREAM, Batch, Dataset, check_int_arg, row_rng
+from linformer_jax._validate import check_bool, check_choice, check_int
+from linformer_jax.data.base import TRAIN_STREAM, Batch, Dataset, row_rng
 
 NUM_CLASSES = 10
 DIGITS_NUM_EVAL = 297
@@ -155,15 +156,13 @@ class ImageDataset(Dataset):
                num_train: Optional[int] = None, num_eval: Optional[int] = None,
                image_size: int = DEFAULT_IMAGE_SIZE, augment: bool = False,
                crop_padding: int = DEFAULT_CROP_PADDING):
-    if name not in ("digits", "cifar10"):
-      raise ValueError(f"name={name!r} is not supported; allowed values: 'digits', 'cifar10'.")
-    check_int_arg("data.seed", seed, minimum=0)
-    check_int_arg("data.num_train", num_train, minimum=1, allow_none=True)
-    check_int_arg("data.num_eval", num_eval, minimum=1, allow_none=True)
-    check_int_arg("data.image_size", image_size, minimum=1)
-    check_int_arg("data.crop_padding", crop_padding, minimum=0)
-    if not isinstance(augment, bool):
-      raise TypeError(f"data.augment must be a bool, got {augment!r}.")
+    check_choice("name", name, ("digits", "cifar10"))
+    check_int("data.seed", seed, minimum=0)
+    check_int("data.num_train", num_train, minimum=1, allow_none=True)
+    check_int("data.num_eval", num_eval, minimum=1, allow_none=True)
+    check_int("data.image_size", image_size, minimum=1)
+    check_int("data.crop_padding", crop_padding, minimum=0)
+    check_bool("data.augment", augment)
     self.label_names = None
     if name == "digits":
       if path is not None:

@@ -9,15 +9,19 @@ node has ``randint(2, max_args)`` children and an operator drawn uniformly from
 
 and its length (tokens without parentheses) is 2 + the children's lengths. Labels: MIN, MAX,
 MED = ``int(np.median(args))`` (the floor of the mean of the two middle values for an even count),
-SM = ``sum(args) % 10``: 10 classes. Trees with ``min_length < length < max_length`` (strict) are kept
-unless already seen (deduplicated with a set of strings), in insertion order until
+SM = ``sum(args) % 10``: 10 classes. Trees with ``min_tree_length < length < max_tree_length`` (strict)
+are kept unless already seen (deduplicated with a set of strings), in insertion order until
 ``num_train + num_val + num_test`` are found; the first `num_train` are train, the next `num_val` val,
 the last `num_test` test. LRA defaults: 96,000 / 2,000 / 2,000, lengths (500, 2000), depth 10, 10 args.
+
+The tree lengths `min_tree_length` / `max_tree_length` (``data.min_tree_length`` / ``data.max_tree_length``,
+called ``min_length`` / ``max_length`` before) bound the generated trees; they are not the model's sequence
+length ``data.max_len``, to which every example is truncated or padded.
 
 Difference from LRA: LRA draws from Python's *unseeded* ``random`` module and splits in (hash-dependent)
 set order; here every draw comes from ``np.random.default_rng(seed)`` (one uniform per decision) and the
 split follows insertion order, so a seed gives the same data set on every machine. The distribution of
-trees is the same. Trees that grow past `max_length` are abandoned as soon as they do (they would be
+trees is the same. Trees that grow past `max_tree_length` are abandoned as soon as they do (they would be
 rejected anyway).
 
 Files (LRA format): ``basic_train.tsv``, ``basic_val.tsv``, ``basic_test.tsv``, each with the header
@@ -39,12 +43,12 @@ import csv
 import itertools
 import os
 import sys
-import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from linformer_jax.data.base import Batch, Dataset, atomic_save_npz, check_int_arg, resolve_cache_dir
+from linformer_jax._validate import check_int
+from linformer_jax.data.base import Batch, Dataset, atomic_save_npz, resolve_cache_dir
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 VALUE_P = 0.25  # LRA: r > VALUE_P → leaf; so an operator with probability 0.25.
@@ -61,11 +65,14 @@ VOCAB_SIZE = len(VOCAB)  # 17
 
 # LRA defaults.
 DEFAULT_COUNTS = {"train": 96_000, "val": 2_000, "test": 2_000}
-DEFAULT_MIN_LENGTH = 500
-DEFAULT_MAX_LENGTH = 2000
+DEFAULT_MIN_TREE_LENGTH = 500
+DEFAULT_MAX_TREE_LENGTH = 2000
 DEFAULT_MAX_DEPTH = 10
 DEFAULT_MAX_ARGS = 10
 DEFAULT_MAX_LEN = 2000
+
+# Arguments renamed so that the tree lengths cannot be confused with the model's max_len: old → new name.
+RENAMED_ARGS = {"min_length": "min_tree_length", "max_length": "max_tree_length"}
 
 _CACHE_VERSION = 1
 _PAREN_TABLE = str.maketrans({"(": " ", ")": " ", "]": "X"})
@@ -76,7 +83,7 @@ class _TooLong(Exception):
   pass
 
 
-def max_tree_length(max_depth: int, max_args: int) -> int:
+def longest_tree_length(max_depth: int, max_args: int) -> int:
   """The longest possible tree: every node above max_depth an operator with max_args children."""
   length = 1
   for _ in range(max_depth - 1):
@@ -84,54 +91,74 @@ def max_tree_length(max_depth: int, max_args: int) -> int:
   return length
 
 
-def check_generator_args(min_length: int, max_length: int, max_depth: int, max_args: int) -> None:
+def renamed_arg_error(old: str) -> ValueError:
+  """The error for a renamed ListOps argument `old` (a key of `RENAMED_ARGS`)."""
+  new = RENAMED_ARGS[old]
+  return ValueError(f"data.{old} was renamed to data.{new} (ListOps tree lengths: kept trees have "
+                    "min_tree_length < tokens < max_tree_length; the model's sequence length is data.max_len).")
+
+
+def _reject_unknown_kwargs(where: str, kwargs: Dict[str, object]) -> None:
+  """ValueError for a renamed argument, TypeError (as Python's) for any other unexpected keyword."""
+  for key in kwargs:
+    if key in RENAMED_ARGS:
+      raise renamed_arg_error(key)
+  if kwargs:
+    raise TypeError(f"{where}() got an unexpected keyword argument {next(iter(kwargs))!r}")
+
+
+def check_generator_args(min_tree_length: int, max_tree_length: int, max_depth: int, max_args: int) -> None:
   """Validates the generator settings (names as in the data config)."""
-  check_int_arg("data.min_length", min_length, minimum=0)
-  check_int_arg("data.max_length", max_length, minimum=2)
-  check_int_arg("data.max_depth", max_depth, minimum=1)
-  check_int_arg("data.max_args", max_args, minimum=2)
-  if max_length - min_length < 2:
-    raise ValueError(f"data.min_length={min_length} and data.max_length={max_length} leave no length: "
-                     "kept trees satisfy min_length < length < max_length (strict), so max_length must "
-                     "be >= min_length + 2.")
-  longest = max_tree_length(max_depth, max_args)
-  if longest <= min_length:
-    raise ValueError(f"data.min_length={min_length} is unreachable: with data.max_depth={max_depth} and "
+  check_int("data.min_tree_length", min_tree_length, minimum=0)
+  check_int("data.max_tree_length", max_tree_length, minimum=2)
+  check_int("data.max_depth", max_depth, minimum=1)
+  check_int("data.max_args", max_args, minimum=2)
+  if max_tree_length - min_tree_length < 2:
+    raise ValueError(f"data.min_tree_length={min_tree_length} and data.max_tree_length={max_tree_length} leave no "
+                     "length: kept trees satisfy min_tree_length < length < max_tree_length (strict), so "
+                     "max_tree_length must be >= min_tree_length + 2.")
+  longest = longest_tree_length(max_depth, max_args)
+  if longest <= min_tree_length:
+    raise ValueError(f"data.min_tree_length={min_tree_length} is unreachable: with data.max_depth={max_depth} and "
                      f"data.max_args={max_args} the longest tree has {longest} tokens.")
 
 
-def generate(num_examples: int, *, seed: int, min_length: int = DEFAULT_MIN_LENGTH,
-             max_length: int = DEFAULT_MAX_LENGTH, max_depth: int = DEFAULT_MAX_DEPTH,
-             max_args: int = DEFAULT_MAX_ARGS, max_attempts: Optional[int] = None
+def generate(num_examples: int, *, seed: int, min_tree_length: int = DEFAULT_MIN_TREE_LENGTH,
+             max_tree_length: int = DEFAULT_MAX_TREE_LENGTH, max_depth: int = DEFAULT_MAX_DEPTH,
+             max_args: int = DEFAULT_MAX_ARGS, max_attempts: Optional[int] = None, **renamed
              ) -> Tuple[List[str], List[int]]:
   """Generates `num_examples` distinct ListOps trees (see the module docstring).
 
   Randomness: one stream of uniforms ``np.random.default_rng(seed).random(...)``; every decision takes
   the next uniform u: operator iff u <= 0.25 (at depth < max_depth), children ``2 + int(u*(max_args-1))``,
   operator ``OPERATORS[int(4u)]`` (drawn after the children, as in LRA), digit ``int(10u)``. Two passes
-  per tree: a cheap length-only pass that gives up once the length reaches `max_length`, then, only for
-  trees of an accepted length, a pass over the same uniforms that builds the string and its value.
+  per tree: a cheap length-only pass that gives up once the length reaches `max_tree_length`, then, only
+  for trees of an accepted length, a pass over the same uniforms that builds the string and its value.
 
   Args:
     num_examples: how many distinct trees to keep.
     seed: seed of ``np.random.default_rng``.
-    min_length, max_length: keep ``min_length < length < max_length`` (tokens without parentheses).
+    min_tree_length, max_tree_length: keep ``min_tree_length < length < max_tree_length`` (tokens without
+      parentheses).
     max_depth, max_args: tree depth limit (root = depth 1) and the most children of an operator.
     max_attempts: give up (RuntimeError) after this many trees; default ``1000 * num_examples + 10**6``.
+    **renamed: only to reject the old names ``min_length`` / ``max_length`` with a ValueError naming the new
+      ones.
 
   Returns:
     (sources, labels): lists of tree strings (LRA format, with parentheses) and int labels 0..9, in
     insertion order.
   """
-  check_int_arg("num_examples", num_examples, minimum=0)
-  check_int_arg("data.seed", seed, minimum=0)
-  check_generator_args(min_length, max_length, max_depth, max_args)
+  _reject_unknown_kwargs("generate", renamed)
+  check_int("num_examples", num_examples, minimum=0)
+  check_int("data.seed", seed, minimum=0)
+  check_generator_args(min_tree_length, max_tree_length, max_depth, max_args)
   if max_attempts is None:
     max_attempts = 1000 * num_examples + 10**6
   rng = np.random.default_rng(seed)
   span = max_args - 1
-  # Most uniforms one tree can take before its length reaches max_length (3 per node, 1 node per token).
-  need = 3 * max_length + 16
+  # Most uniforms one tree can take before its length reaches max_tree_length (3 per node, 1 node per token).
+  need = 3 * max_tree_length + 16
   buf: List[float] = []
   pos = 0
   count = 0
@@ -140,7 +167,7 @@ def generate(num_examples: int, *, seed: int, min_length: int = DEFAULT_MIN_LENG
   def size(depth: int) -> None:
     """Length-only pass from an operator node's first child count: advances pos, adds to count.
 
-    Called after the node's leaf/operator uniform; raises _TooLong once count reaches max_length.
+    Called after the node's leaf/operator uniform; raises _TooLong once count reaches max_tree_length.
     Leaf children are handled inline (3/4 of all nodes) to save calls.
     """
     nonlocal pos, count
@@ -156,7 +183,7 @@ def generate(num_examples: int, *, seed: int, min_length: int = DEFAULT_MIN_LENG
           size(depth + 1)
           continue
       count += 1
-      if count >= max_length:
+      if count >= max_tree_length:
         raise _TooLong
       pos += 1  # The digit.
     pos += 1  # The operator.
@@ -205,7 +232,7 @@ def generate(num_examples: int, *, seed: int, min_length: int = DEFAULT_MIN_LENG
         size(1)
         return
     count = 1  # A single digit.
-    if count >= max_length:
+    if count >= max_tree_length:
       raise _TooLong
     pos += 1
 
@@ -233,8 +260,8 @@ def generate(num_examples: int, *, seed: int, min_length: int = DEFAULT_MIN_LENG
       if attempts > max_attempts:
         raise RuntimeError(
             f"ListOps generation found only {len(sources)} of {num_examples} distinct trees with "
-            f"{min_length} < length < {max_length} in {max_attempts} attempts (max_depth={max_depth}, "
-            f"max_args={max_args}); widen the length range or lower num_train/num_eval.")
+            f"{min_tree_length} < length < {max_tree_length} in {max_attempts} attempts "
+            f"(max_depth={max_depth}, max_args={max_args}); widen the length range or lower num_train/num_eval.")
       if len(buf) - pos < need:
         buf = buf[pos:] + rng.random(_CHUNK).tolist()
         pos = 0
@@ -244,7 +271,7 @@ def generate(num_examples: int, *, seed: int, min_length: int = DEFAULT_MIN_LENG
         root_size()
       except _TooLong:
         continue  # The stream continues after the abandoned tree's last uniform.
-      if min_length < count < max_length:
+      if min_tree_length < count < max_tree_length:
         end = pos
         pos = start
         s, v = root_build()
@@ -372,19 +399,23 @@ class _Split:
     return {"inputs": inputs, "mask": inputs != PAD_ID, "label": self.labels[indices].copy()}
 
 
-def cache_key(seed: int, counts: Dict[str, int], min_length: int, max_length: int, max_depth: int,
+def cache_key(seed: int, counts: Dict[str, int], min_tree_length: int, max_tree_length: int, max_depth: int,
               max_args: int) -> str:
-  """Directory name of a generated set under ``<cache_dir>/listops/``."""
+  """Directory name of a generated set under ``<cache_dir>/listops/``.
+
+  Unchanged by the renaming of min_length / max_length: ``..._len{min_tree_length}-{max_tree_length}_...``,
+  so sets cached before it are reused.
+  """
   return (f"v{_CACHE_VERSION}_seed{seed}_n{counts['train']}-{counts['val']}-{counts['test']}"
-          f"_len{min_length}-{max_length}_d{max_depth}_a{max_args}")
+          f"_len{min_tree_length}-{max_tree_length}_d{max_depth}_a{max_args}")
 
 
-def generate_to_dir(out_dir: str, *, seed: int, counts: Dict[str, int], min_length: int,
-                    max_length: int, max_depth: int, max_args: int) -> Dict[str, _Split]:
+def generate_to_dir(out_dir: str, *, seed: int, counts: Dict[str, int], min_tree_length: int,
+                    max_tree_length: int, max_depth: int, max_args: int) -> Dict[str, _Split]:
   """Generates a set, writes the three TSVs and ``encoded.npz`` into `out_dir`; returns the splits."""
   total = counts["train"] + counts["val"] + counts["test"]
-  sources, labels = generate(total, seed=seed, min_length=min_length, max_length=max_length,
-                             max_depth=max_depth, max_args=max_args)
+  sources, labels = generate(total, seed=seed, min_tree_length=min_tree_length,
+                             max_tree_length=max_tree_length, max_depth=max_depth, max_args=max_args)
   bounds = {"train": (0, counts["train"]),
             "val": (counts["train"], counts["train"] + counts["val"]),
             "test": (counts["train"] + counts["val"], total)}
@@ -424,7 +455,11 @@ class ListOpsDataset(Dataset):
     num_train, num_eval, num_test: examples used (None = all in the files, or 96,000 / 2,000 / 2,000 when
       generating; num_test None = num_eval when generating).
     cache_dir: where generated sets are cached.
-    min_length, max_length, max_depth, max_args: generator settings (ignored when `path` is given).
+    min_tree_length, max_tree_length: keep trees with ``min_tree_length < tokens < max_tree_length`` (the
+      generator's tree lengths, not `max_len`; ignored when `path` is given).
+    max_depth, max_args: the other generator settings (ignored when `path` is given).
+    **renamed: only to reject the old names ``min_length`` / ``max_length`` with a ValueError naming the new
+      ones.
   """
 
   EVAL_SPLITS = ("val", "test")
@@ -432,13 +467,14 @@ class ListOpsDataset(Dataset):
   def __init__(self, *, path: Optional[str] = None, seed: int = 0, max_len: int = DEFAULT_MAX_LEN,
                num_train: Optional[int] = None, num_eval: Optional[int] = None,
                num_test: Optional[int] = None, cache_dir: Optional[str] = None,
-               min_length: int = DEFAULT_MIN_LENGTH, max_length: int = DEFAULT_MAX_LENGTH,
-               max_depth: int = DEFAULT_MAX_DEPTH, max_args: int = DEFAULT_MAX_ARGS):
-    check_int_arg("data.seed", seed, minimum=0)
-    check_int_arg("data.max_len", max_len, minimum=1)
-    check_int_arg("data.num_train", num_train, minimum=1, allow_none=True)
-    check_int_arg("data.num_eval", num_eval, minimum=1, allow_none=True)
-    check_int_arg("data.num_test", num_test, minimum=1, allow_none=True)
+               min_tree_length: int = DEFAULT_MIN_TREE_LENGTH, max_tree_length: int = DEFAULT_MAX_TREE_LENGTH,
+               max_depth: int = DEFAULT_MAX_DEPTH, max_args: int = DEFAULT_MAX_ARGS, **renamed):
+    _reject_unknown_kwargs(type(self).__name__, renamed)
+    check_int("data.seed", seed, minimum=0)
+    check_int("data.max_len", max_len, minimum=1)
+    check_int("data.num_train", num_train, minimum=1, allow_none=True)
+    check_int("data.num_eval", num_eval, minimum=1, allow_none=True)
+    check_int("data.num_test", num_test, minimum=1, allow_none=True)
     self.max_len = int(max_len)
     self._test: Optional[_Split] = None
     self._test_path: Optional[str] = None
@@ -464,23 +500,20 @@ class ListOpsDataset(Dataset):
           raise ValueError(f"data.num_{'train' if name == 'train' else 'eval'}={want} but "
                            f"{os.path.join(path, SPLIT_FILES[name])!r} has only {len(split)} examples.")
       self._test_path = os.path.join(path, SPLIT_FILES["test"])
-      self.generation_seconds = 0.0
     else:
-      check_generator_args(min_length, max_length, max_depth, max_args)
+      check_generator_args(min_tree_length, max_tree_length, max_depth, max_args)
       counts = {"train": DEFAULT_COUNTS["train"] if num_train is None else int(num_train),
                 "val": DEFAULT_COUNTS["val"] if num_eval is None else int(num_eval)}
       counts["test"] = counts["val"] if num_test is None else int(num_test)
       if cache_dir is None:
         cache_dir = resolve_cache_dir(None, None)
       out_dir = os.path.join(str(cache_dir), "listops",
-                             cache_key(seed, counts, min_length, max_length, max_depth, max_args))
+                             cache_key(seed, counts, min_tree_length, max_tree_length, max_depth, max_args))
       self.source_dir = out_dir
-      t0 = time.perf_counter()
       splits = _load_encoded(os.path.join(out_dir, "encoded.npz"))
       if splits is None:
-        splits = generate_to_dir(out_dir, seed=seed, counts=counts, min_length=min_length,
-                                 max_length=max_length, max_depth=max_depth, max_args=max_args)
-      self.generation_seconds = time.perf_counter() - t0
+        splits = generate_to_dir(out_dir, seed=seed, counts=counts, min_tree_length=min_tree_length,
+                                 max_tree_length=max_tree_length, max_depth=max_depth, max_args=max_args)
       train, val, self._test = splits["train"], splits["val"], splits["test"]
     super().__init__(seed=seed, num_train=len(train))
     self._train, self._val = train, val

@@ -33,13 +33,12 @@ import glob
 import hashlib
 import os
 import sysconfig
-import time
 from typing import List, Optional, Sequence
 
 import numpy as np
 
-from linformer_jax.data.base import (EVAL_STREAM, TRAIN_STREAM, Batch, Dataset, check_int_arg, check_prob,
-                                     row_rng)
+from linformer_jax._validate import check_int, check_rate
+from linformer_jax.data.base import EVAL_STREAM, TRAIN_STREAM, Batch, Dataset, row_rng
 
 PAD_ID = 256
 MASK_ID = 257
@@ -119,7 +118,7 @@ def _select(files: Sequence[str], max_bytes: int) -> List[os.stat_result]:
 
 def load_corpus(files: Sequence[str], max_bytes: int, cache_dir: Optional[str] = None) -> np.ndarray:
   """The corpus bytes (uint8 (≤ max_bytes,)): files joined with NUL and cut at `max_bytes`, cached."""
-  check_int_arg("data.max_bytes", max_bytes, minimum=1)
+  check_int("data.max_bytes", max_bytes, minimum=1)
   stats = _select(files, max_bytes)
   used = files[:len(stats)]
   key = hashlib.sha1(repr((_CACHE_VERSION, max_bytes, [(os.path.abspath(f), st.st_size, st.st_mtime_ns)
@@ -197,13 +196,12 @@ class MLMDataset(Dataset):
                num_train: Optional[int] = None, num_eval: Optional[int] = None,
                cache_dir: Optional[str] = None, mask_rate: float = DEFAULT_MASK_RATE,
                max_bytes: int = DEFAULT_MAX_BYTES):
-    check_int_arg("data.seed", seed, minimum=0)
-    check_int_arg("data.max_len", max_len, minimum=1)
-    check_int_arg("data.num_train", num_train, minimum=1, allow_none=True)
-    check_int_arg("data.num_eval", num_eval, minimum=1, allow_none=True)
-    check_int_arg("data.max_bytes", max_bytes, minimum=1)
-    check_prob("data.mask_rate", mask_rate)
-    t0 = time.perf_counter()
+    check_int("data.seed", seed, minimum=0)
+    check_int("data.max_len", max_len, minimum=1)
+    check_int("data.num_train", num_train, minimum=1, allow_none=True)
+    check_int("data.num_eval", num_eval, minimum=1, allow_none=True)
+    check_int("data.max_bytes", max_bytes, minimum=1)
+    check_rate("data.mask_rate", mask_rate, allow_zero=False)
     self.files = list_files(path)
     corpus = load_corpus(self.files, max_bytes, cache_dir)
     if corpus.size == 0:
@@ -247,7 +245,6 @@ class MLMDataset(Dataset):
         "num_files": len(self.files),
     }
     self.info["unigram_perplexity"] = self._unigram_perplexity()
-    self.startup_seconds = time.perf_counter() - t0
 
   def _unigram_perplexity(self) -> float:
     counts = np.bincount(self._chunks[self.train_ids].ravel(), minlength=VOCAB_SIZE)[:256] + 1.0

@@ -1,122 +1,137 @@
-"""`make_dataset(data_config, workdir)` and `default_data_config(name)`."""
+"""`make_dataset(data_config, workdir)` and `default_data_config(name)`.
+
+A dataset's data-config fields are its class's constructor arguments, read from the signature, with the
+constructor's defaults: `default_data_config("listops")` holds `name` plus the arguments of `ListOpsDataset`
+and nothing else, "mlm" those of `MLMDataset`, "digits" / "cifar10" those of `ImageDataset` (whose own
+`name` argument is the config's `name`). A new constructor argument is a new config field, with no list to
+keep in step.
+"""
 from __future__ import annotations
 
-import difflib
+import functools
+import inspect
 import types
-from typing import Any, Mapping, Optional
+import typing
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import ml_collections
 from ml_collections import config_dict
 
+from linformer_jax._validate import check_choice, check_fields
 from linformer_jax.data import images, listops, mlm
-from linformer_jax.data.base import Dataset, check_int_arg, check_prob, resolve_cache_dir
+from linformer_jax.data.base import Dataset, resolve_cache_dir
 
 DATASETS = ("listops", "mlm", "digits", "cifar10")
 
-# Fields every data config has (name → default); dataset-specific extras below.
-_COMMON = {
-    "path": None,        # None = the embedded default (generated ListOps, stdlib corpus, sklearn digits).
-    "seed": 0,
-    "max_len": None,     # Text sequence length; per-dataset default.
-    "num_train": None,   # None = the dataset's full default.
-    "num_eval": None,
-    "cache_dir": None,   # None = <workdir>/data_cache, or ~/.cache/linformer_jax without a workdir.
-    "mask_rate": mlm.DEFAULT_MASK_RATE,
-    "image_size": images.DEFAULT_IMAGE_SIZE,
-}
-_MAX_LEN = {"listops": listops.DEFAULT_MAX_LEN, "mlm": mlm.DEFAULT_MAX_LEN, "digits": None, "cifar10": None}
-_EXTRAS = {
-    "listops": {"num_test": None, "min_length": listops.DEFAULT_MIN_LENGTH,
-                "max_length": listops.DEFAULT_MAX_LENGTH, "max_depth": listops.DEFAULT_MAX_DEPTH,
-                "max_args": listops.DEFAULT_MAX_ARGS},
-    "mlm": {"max_bytes": mlm.DEFAULT_MAX_BYTES},
-    "digits": {"augment": False, "crop_padding": images.DEFAULT_CROP_PADDING},
-    "cifar10": {"augment": False, "crop_padding": images.DEFAULT_CROP_PADDING},
-}
-# Types of the fields whose default is None (ml_collections placeholders, so CLI overrides parse).
-_NONE_TYPES = {"path": str, "num_train": int, "num_eval": int, "cache_dir": str, "num_test": int,
-               "max_len": int}
+_CLASSES = {"listops": listops.ListOpsDataset, "mlm": mlm.MLMDataset, "digits": images.ImageDataset,
+            "cifar10": images.ImageDataset}
+# Constructor arguments that are not fields of their own: ImageDataset(name=...) is the config's `name`.
+_NOT_FIELDS = ("self", "name")
 
 
-# Every field some dataset reads: a data config with another field (a misspelling) is an error.
-KNOWN_FIELDS = frozenset({"name"} | set(_COMMON) | {k for extras in _EXTRAS.values() for k in extras})
+def _field_type(annotation: Any, where: str) -> type:
+  """The type of a field from its annotation: ``Optional[int]`` / ``int | None`` → int."""
+  if isinstance(annotation, type):
+    return annotation
+  args = [a for a in typing.get_args(annotation) if a is not type(None)]
+  if (typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1
+      and isinstance(args[0], type)):
+    return args[0]
+  raise TypeError(f"{where}: cannot derive a config field type from the annotation {annotation!r}; annotate it "
+                  "with a class or Optional[class].")
 
 
-def _check_fields(keys) -> None:
-  for key in keys:
-    if key not in KNOWN_FIELDS:
-      close = difflib.get_close_matches(str(key), sorted(KNOWN_FIELDS), n=1)
-      hint = f" (did you mean {close[0]!r}?)" if close else ""
-      raise ValueError(f"unknown data config field data.{key}{hint}; allowed fields: "
-                       f"{', '.join(sorted(KNOWN_FIELDS))}.")
+@functools.lru_cache(maxsize=None)
+def _fields(name: str) -> Dict[str, Tuple[Any, type]]:
+  """Field → (default, type) of dataset `name`, in the constructor's order (`name` itself excluded)."""
+  cls = _CLASSES[name]
+  hints = typing.get_type_hints(cls.__init__)
+  out = {}
+  for param in inspect.signature(cls.__init__).parameters.values():
+    if param.name in _NOT_FIELDS or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+      continue
+    where = f"{cls.__name__}({param.name}=...)"
+    if param.default is param.empty:
+      raise TypeError(f"{where} has no default; every data-config field needs one.")
+    out[param.name] = (param.default, _field_type(hints[param.name], where))
+  return out
 
 
-def _check_name(name: Any) -> None:
-  if name not in DATASETS:
-    allowed = ", ".join(repr(d) for d in DATASETS)
-    raise ValueError(f"data.name={name!r} is not supported; allowed values: {allowed}.")
+def data_fields(name: str) -> Tuple[str, ...]:
+  """The data-config fields of dataset `name`: ``"name"`` and its constructor's arguments, in order."""
+  check_choice("data.name", name, DATASETS)
+  return ("name",) + tuple(_fields(name))
 
 
 def default_data_config(name: str) -> ml_collections.ConfigDict:
-  """All data-config fields of dataset `name` with their defaults.
+  """The data config of dataset `name`: `name` and its constructor's arguments with their defaults.
 
-  Common: name, path, seed, max_len, num_train, num_eval, cache_dir, mask_rate, image_size.
-  listops adds num_test, min_length, max_length, max_depth, max_args; mlm adds max_bytes;
-  digits/cifar10 add augment, crop_padding. Fields whose default is None are typed placeholders.
+  listops: path, seed, max_len, num_train, num_eval, num_test, cache_dir, min_tree_length, max_tree_length,
+  max_depth, max_args; mlm: path, seed, max_len, num_train, num_eval, cache_dir, mask_rate, max_bytes;
+  digits / cifar10: path, seed, num_train, num_eval, image_size, augment, crop_padding (`data_fields(name)`).
+  Fields whose default is None are typed placeholders (so ``--config.data.num_train=100`` parses).
   """
-  _check_name(name)
-  values = dict(_COMMON, max_len=_MAX_LEN[name])
-  values.update(_EXTRAS[name])
+  check_choice("data.name", name, DATASETS)
   cfg = ml_collections.ConfigDict()
   cfg.name = name
-  for key, value in values.items():
-    if value is None and key in _NONE_TYPES:
-      setattr(cfg, key, config_dict.placeholder(_NONE_TYPES[key]))
-    else:
-      setattr(cfg, key, value)
+  for key, (default, typ) in _fields(name).items():
+    setattr(cfg, key, config_dict.placeholder(typ) if default is None else default)
   return cfg
+
+
+def _given_fields(data_config: Any) -> Optional[list]:
+  """The fields a config sets, where they can be listed (ConfigDict, mapping, SimpleNamespace), else None."""
+  if isinstance(data_config, ml_collections.ConfigDict):
+    return list(data_config.keys())
+  if isinstance(data_config, Mapping):
+    return list(data_config.keys())
+  if isinstance(data_config, types.SimpleNamespace):
+    return list(vars(data_config))
+  return None
+
+
+def _check_data_fields(name: str, keys) -> None:
+  """Raises ValueError for a field dataset `name` does not have.
+
+  An old ListOps name (min_length / max_length) names its replacement; another dataset's field names the
+  datasets that have it; any other unknown field the closest allowed one. All name the allowed fields.
+  """
+  allowed = data_fields(name)
+  for key in keys:
+    if key in listops.RENAMED_ARGS:
+      raise listops.renamed_arg_error(key)
+    owners = [other for other in DATASETS if key not in allowed and key in _fields(other)]
+    if owners:
+      raise ValueError(f"data.{key} is not a field of data.name={name!r} (only of "
+                       f"{', '.join(repr(o) for o in owners)}); allowed fields for data.name={name!r}: "
+                       f"{', '.join(sorted(allowed))}.")
+  check_fields(keys, allowed, what="data config", prefix="data.", scope=f"data.name={name!r}")
 
 
 def make_dataset(data_config: Any, workdir: Optional[str] = None) -> Dataset:
   """Builds the dataset described by `data_config` (a ConfigDict, a dict or any object with attributes).
 
-  Missing optional fields take the defaults of `default_data_config(name)`. Raises ValueError /
-  FileNotFoundError (naming the field or path) before loading anything; a field no dataset knows (a misspelling)
-  is a ValueError.
+  Missing (or None) fields take the defaults of `default_data_config(name)`. Raises ValueError /
+  FileNotFoundError (naming the field or path) before loading anything; a field the dataset does not have
+  (a misspelling, or another dataset's field) is a ValueError.
   """
-  if isinstance(data_config, ml_collections.ConfigDict):
-    _check_fields(list(data_config.keys()))
-  elif isinstance(data_config, Mapping):
-    _check_fields(list(data_config.keys()))
+  keys = _given_fields(data_config)
+  if isinstance(data_config, Mapping) and not isinstance(data_config, ml_collections.ConfigDict):
     data_config = types.SimpleNamespace(**data_config)
-  elif isinstance(data_config, types.SimpleNamespace):
-    _check_fields(list(vars(data_config)))
   name = getattr(data_config, "name", None)
-  _check_name(name)
-  defaults = default_data_config(name)
-
-  def get(key):
+  check_choice("data.name", name, DATASETS)
+  if keys is not None:
+    _check_data_fields(name, keys)
+  kwargs = {}
+  for key, (default, _) in _fields(name).items():
     value = getattr(data_config, key, None)
-    return defaults[key] if value is None else value
-
-  seed = get("seed")
-  check_int_arg("data.seed", seed, minimum=0)
-  cache_dir = resolve_cache_dir(getattr(data_config, "cache_dir", None), workdir)
-  path = getattr(data_config, "path", None)
+    kwargs[key] = default if value is None else value
+  path = kwargs["path"]
   if path is not None and not isinstance(path, (str, bytes)) and not hasattr(path, "__fspath__"):
     raise TypeError(f"data.path must be a str path or None, got {path!r}.")
-  path = None if path is None else str(path)
-  if name == "listops":
-    return listops.ListOpsDataset(
-        path=path, seed=seed, max_len=get("max_len"), num_train=get("num_train"),
-        num_eval=get("num_eval"), num_test=get("num_test"), cache_dir=cache_dir,
-        min_length=get("min_length"), max_length=get("max_length"), max_depth=get("max_depth"),
-        max_args=get("max_args"))
-  if name == "mlm":
-    check_prob("data.mask_rate", get("mask_rate"))
-    return mlm.MLMDataset(path=path, seed=seed, max_len=get("max_len"), num_train=get("num_train"),
-                          num_eval=get("num_eval"), cache_dir=cache_dir, mask_rate=get("mask_rate"),
-                          max_bytes=get("max_bytes"))
-  return images.ImageDataset(name=name, path=path, seed=seed, num_train=get("num_train"),
-                             num_eval=get("num_eval"), image_size=get("image_size"),
-                             augment=get("augment"), crop_padding=get("crop_padding"))
+  kwargs["path"] = None if path is None else str(path)
+  if "cache_dir" in kwargs:
+    kwargs["cache_dir"] = resolve_cache_dir(kwargs["cache_dir"], workdir)
+  if _CLASSES[name] is images.ImageDataset:
+    kwargs["name"] = name
+  return _CLASSES[name](**kwargs)

@@ -11,168 +11,32 @@ layer used as both E and F; ``layerwise`` = one matrix for the whole network, pa
 
 Padding: rows of K and V at padded positions (mask False) are zeroed before the projection, so outputs at
 real tokens depend neither on the content of padded positions nor on how much padding follows.
+
+The softmax kernel both modules call (``softmax_attention``, ``attention_weights``, ``softmax_last``) lives in
+``linformer_jax.layers.softmax_kernel`` and is re-exported here; the modules pass it their ``attention_impl`` and
+``attention_block_rows`` fields.
 """
 from __future__ import annotations
-
-import math
 
 from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from linformer_jax._validate import check_choice, check_int, check_length, check_mask, check_rate
 from linformer_jax.layers.dense import flat_dot_general
 from linformer_jax.layers.projections import PROJECTIONS, SeqProjection
-from linformer_jax.remat import REMAT_POLICIES, map_heads
+# The kernel lives in softmax_kernel; its public names stay importable from here.
+from linformer_jax.layers.softmax_kernel import (IMPLEMENTATIONS, attention_weights, check_kernel_args,
+                                                 default_block_rows, default_implementation, softmax_attention,
+                                                 softmax_last)
+from linformer_jax.remat import REMAT_POLICIES
 
 SHARING = ("none", "headwise", "kv", "layerwise")
 
-
-def _heads_first(x: jax.Array) -> jax.Array:
-  """(batch, length, heads, d) ↔ (batch, heads, length, d)."""
-  return jnp.swapaxes(x, 1, 2)
-
-
-@jax.custom_jvp
-def softmax_last(logits: jax.Array) -> jax.Array:
-  """``jax.nn.softmax(logits, axis=-1)`` whose derivative keeps the row sum a contraction.
-
-  Same values and derivatives as ``jax.nn.softmax`` (forward and reverse mode): ṗ = p ⊙ (ẋ − Σ_s p ⊙ ẋ), so
-  the backward pass is x̄ = p ⊙ (ḡ − Σ_s ḡ ⊙ p). Here both the row sum and its broadcast back are einsums, and
-  their transposes in the backward pass are contractions too. With ``jax.nn.softmax``'s own rule the backward
-  row sum is a reduction that XLA:CPU fuses into its elementwise consumer and recomputes for every element of
-  the row, which made the softmax backward the slowest step of attention on CPU (docs/benchmarks.md §2).
-  """
-  return jax.nn.softmax(logits, axis=-1)
-
-
-@softmax_last.defjvp
-def _softmax_last_jvp(primals, tangents):
-  (logits,), (t,) = primals, tangents
-  p = softmax_last(logits)
-  row = jnp.einsum("...s,...s->...", p, t)
-  return p, p * t - jnp.einsum("...s,...->...s", p, row)
-
-
-def attention_weights(q: jax.Array, k: jax.Array, *, key_mask: Optional[jax.Array] = None,
-                      is_causal: bool = False, q_offset=0) -> jax.Array:
-  """softmax(q kᵀ / sqrt(d)) over keys: q (batch, t, heads, d), k (batch, s, heads, d) → (batch, heads, t, s).
-
-  The scale is applied to q (t·d multiplies, not t·s) and the product runs heads-first, which is the layout
-  XLA's batched dot wants (no transposes of the (t, s) scores). q_offset: position of the first query, for
-  ``is_causal`` on a block of queries (query i sees keys j <= q_offset + i).
-  """
-  scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-  logits = jnp.einsum("bhtd,bhsd->bhts", _heads_first(q * scale), _heads_first(k))
-  big_neg = jnp.finfo(logits.dtype).min
-  if key_mask is not None:
-    logits = jnp.where(key_mask[:, None, None, :], logits, big_neg)
-  if is_causal:  # query i (at position q_offset + i) sees keys j <= q_offset + i
-    t, s = logits.shape[-2:]
-    allowed = (q_offset + jnp.arange(t))[:, None] >= jnp.arange(s)[None, :]
-    logits = jnp.where(allowed, logits, big_neg)
-  return softmax_last(logits)
-
-
-CPU_SCORES_BLOCK_BYTES = 2 * 2**20  # one (batch row, head)'s (t, s) scores above this: queries run in blocks on CPU
-CPU_BLOCK_BYTES_PER_HEAD_DIM = 32 * 2**10  # a block's scores per head: this × head dim (512 KiB at d = 16)
-CPU_MIN_BLOCK_ROWS = 16  # fewest queries per block
-
-
-def query_block_rows(q_shape, s: int, dtype) -> int:
-  """How many queries one block of the CPU attention core holds (``t`` = all at once, no blocks).
-
-  XLA:CPU fuses q·kᵀ → softmax → ·v into one kernel, and it slows down superlinearly once one head's (t, s)
-  scores outgrow the caches; its gradient also keeps every (t, s) weight for the backward pass. Queries are
-  independent, so ``softmax_attention`` runs blocks of them in a ``lax.map`` under ``jax.checkpoint`` (each block's
-  weights are recomputed in the backward pass, never stored whole) when one head's scores exceed
-  ``CPU_SCORES_BLOCK_BYTES`` (causal or not). A block's scores take ``CPU_BLOCK_BYTES_PER_HEAD_DIM`` × d bytes per
-  head (larger heads do more work per score): full attention, d = 16, n = 4096: blocks of 32 queries, forward
-  270 → 122 ms, fwd+bwd 1022 → 595 ms, temp 514 → 52 MiB; d = 64: blocks of 128; the Linformer core (s = k = 128,
-  d = 16, t = 16384): blocks of 1024, forward 50 → 13 ms, fwd+bwd 88 → 50 ms (one core, docs/benchmarks.md §2).
-  q_shape: (batch, t, heads, d); s: number of keys; dtype: the scores' dtype. Off the CPU: t.
-  """
-  t, d = q_shape[1], q_shape[-1]
-  itemsize = jnp.dtype(dtype).itemsize
-  if jax.default_backend() != "cpu" or t * s * itemsize <= CPU_SCORES_BLOCK_BYTES:
-    return t
-  rows = max(CPU_MIN_BLOCK_ROWS, CPU_BLOCK_BYTES_PER_HEAD_DIM * d // (s * itemsize))
-  return min(t, rows)
-
-
-def _blocked_attention(q, k, v, key_mask, is_causal: bool, rows: int):
-  """``_einsum_attention`` one batch row and one block of ``rows`` queries at a time (q zero-padded to a multiple
-  of ``rows``, the pad cut off after), each block under ``jax.checkpoint``; shapes as ``softmax_attention``."""
-  b, t, h, d = q.shape
-  chunks = -(-t // rows)
-  q = jnp.pad(q, ((0, 0), (0, chunks * rows - t), (0, 0), (0, 0))).reshape(b, chunks, 1, rows, h, d)
-  k, v = k[:, None], v[:, None]  # (b, 1, s, h, d): one batch row at a time
-  key_mask = None if key_mask is None else key_mask[:, None]
-  offsets = jnp.arange(chunks) * rows  # position of each block's first query (for is_causal)
-
-  def one_row(row):
-    q_row, k_row, v_row, mask_row = row
-    one_block = jax.checkpoint(lambda block: _einsum_attention(block[0], k_row, v_row, mask_row, is_causal,
-                                                               q_offset=block[1]))
-    return jax.lax.map(one_block, (q_row, offsets))  # (chunks, 1, rows, h, d_v)
-
-  out = jax.lax.map(one_row, (q, k, v, key_mask))
-  return out.reshape(b, chunks * rows, h, v.shape[-1])[:, :t]
-
-
-def _einsum_attention(q, k, v, key_mask=None, is_causal=False, q_offset=0):
-  """softmax(q kᵀ / sqrt(d)) v with heads-first einsums (the CPU path), shapes as ``softmax_attention``."""
-  return _attend(attention_weights(q, k, key_mask=key_mask, is_causal=is_causal, q_offset=q_offset), v)
-
-
-def _attend(weights, v):
-  """Σ_s weights · v: weights (batch, heads, t, s), v (batch, s, heads, d) → (batch, t, heads, d)."""
-  return _heads_first(jnp.einsum("bhts,bhsd->bhtd", weights.astype(v.dtype), _heads_first(v)))
-
-
-def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_mask: Optional[jax.Array] = None,
-                      is_causal: bool = False, dropout_rate: float = 0.0,
-                      dropout_rng: Optional[jax.Array] = None, sow=None,
-                      head_remat_policy: Optional[str] = None) -> jax.Array:
-  """softmax(q kᵀ / sqrt(d)) v per head.
-
-  q: (batch, t, heads, d); k, v: (batch, s, heads, d); key_mask: (batch, s) bool, True = attend.
-  Without dropout and without ``sow``: two heads-first einsums around ``softmax_last``, whose backward pass keeps
-  only the normalised weights. ``jax.nn.dot_product_attention`` lowers float32 inputs to the same XLA composition
-  on every backend, with a derivative that keeps both exp(logits) and the weights (measured on an H200: the same
-  speed, ±5 %, and one (t, s) array less per layer in the backward pass with the einsums; on CPU the einsums are
-  also faster: train step of the roofline config −16 %, docs/benchmarks.md); on CPU large scores run in blocks of
-  queries (``query_block_rows``). Half-precision inputs on a GPU/TPU go to ``jax.nn.dot_product_attention``
-  (softmax in float32). Attention-weight dropout and ``sow`` (a callable receiving the (batch, heads, t, s)
-  weights, for attention maps) need the weights, so then they are written out. ``head_remat_policy`` (level C2):
-  one head at a time under ``jax.checkpoint`` with that policy (not combined with ``sow``, which needs all heads'
-  weights).
-  """
-  if head_remat_policy is not None and sow is None:
-    keys = None
-    if dropout_rate > 0.0 and dropout_rng is not None:
-      keys = jax.random.split(dropout_rng, q.shape[2])
-    one_head = lambda qh, kh, vh, key=None: softmax_attention(
-        qh, kh, vh, key_mask=key_mask, is_causal=is_causal, dropout_rate=dropout_rate, dropout_rng=key)
-    return map_heads(one_head, head_remat_policy, q, k, v, extra=keys)
-  if (dropout_rate == 0.0 or dropout_rng is None) and sow is None:  # no weights needed outside
-    if jax.default_backend() != "cpu" and jnp.dtype(q.dtype).itemsize < 4:
-      mask = None if key_mask is None else key_mask[:, None, None, :]
-      return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
-    rows = query_block_rows(q.shape, k.shape[1], q.dtype)  # t (no blocks) off the CPU
-    if rows == q.shape[1]:
-      return _einsum_attention(q, k, v, key_mask, is_causal)
-    return _blocked_attention(q, k, v, key_mask, is_causal, rows)  # large (t, s) scores on CPU (see query_block_rows)
-  weights = attention_weights(q, k, key_mask=key_mask, is_causal=is_causal)
-  if sow is not None:
-    sow(weights)
-  if dropout_rate > 0.0 and dropout_rng is not None:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-  return _attend(weights, v)
+__all__ = ["SHARING", "FullSelfAttention", "LinformerSelfAttention", "IMPLEMENTATIONS", "attention_weights",
+           "default_block_rows", "default_implementation", "softmax_attention", "softmax_last"]
 
 
 class _MultiHead(nn.Module):
@@ -188,6 +52,10 @@ class _MultiHead(nn.Module):
     qkv_bias: biases on the Q/K/V maps (ViT style; the Linformer original has none).
     remat_heads: compute the attention core one head at a time under ``jax.checkpoint`` (level C2).
     remat_policy: the checkpoint policy name used then (see ``linformer_jax.remat``).
+    attention_impl: the kernel's implementation, one of ``IMPLEMENTATIONS`` ("xla" | "dot_product_attention");
+      None = the default for the backend and dtype (``default_implementation``).
+    attention_block_rows: queries per block of the "xla" kernel; None = the backend's default
+      (``default_block_rows``: blocks only for large scores on the CPU), 0 = never block.
   """
   num_heads: int
   head_dim: Optional[int] = None
@@ -197,6 +65,8 @@ class _MultiHead(nn.Module):
   out_dim: Optional[int] = None
   w_o_intermediate_dim: Optional[int] = None
   attention_dropout: float = 0.0
+  attention_impl: Optional[str] = None
+  attention_block_rows: Optional[int] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -207,6 +77,8 @@ class _MultiHead(nn.Module):
     check_int("w_o_intermediate_dim", self.w_o_intermediate_dim, minimum=1, allow_none=True)
     check_rate("attention_dropout", self.attention_dropout)
     check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+    check_kernel_args(self.attention_impl, self.attention_block_rows,
+                      names=("attention_impl", "attention_block_rows"))
 
   def _head_dim(self, dim: int) -> int:
     if self.head_dim is not None:
@@ -236,6 +108,11 @@ class _MultiHead(nn.Module):
       return self._dense(out_dim, "out", axis=(-2, -1), use_bias=True)(o)
     o = self._dense(self.w_o_intermediate_dim, "out_1", axis=(-2, -1), use_bias=True)(o)
     return self._dense(out_dim, "out_2", use_bias=True)(o)
+
+  def _kernel_kwargs(self):
+    """The kernel's explicit choices (``softmax_attention`` arguments) from this module's fields."""
+    return dict(head_remat_policy=self.remat_policy if self.remat_heads else None,
+                implementation=self.attention_impl, block_rows=self.attention_block_rows)
 
   def _dropout_rng(self, deterministic):
     if deterministic or self.attention_dropout == 0.0:
@@ -280,7 +157,7 @@ class FullSelfAttention(_MultiHead):
     o = softmax_attention(q, k, v, key_mask=mask, is_causal=self.causal,
                           dropout_rate=self.attention_dropout,
                           dropout_rng=self._dropout_rng(deterministic), sow=self._sow_fn(),
-                          head_remat_policy=self.remat_policy if self.remat_heads else None)
+                          **self._kernel_kwargs())
     return self._out(o, x.shape[-1])
 
 
@@ -342,5 +219,5 @@ class LinformerSelfAttention(_MultiHead):
     # P̄ = softmax(Q K̄ᵀ / sqrt(d_h)): (b, h, t, k), sown as "attention_weights" when requested
     o = softmax_attention(q, k_bar, v_bar, dropout_rate=self.attention_dropout,
                           dropout_rng=self._dropout_rng(deterministic), sow=self._sow_fn(),
-                          head_remat_policy=self.remat_policy if self.remat_heads else None)
+                          **self._kernel_kwargs())
     return self._out(o, x.shape[-1])

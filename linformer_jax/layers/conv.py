@@ -4,8 +4,8 @@
 
 Same parameters as ``nn.Conv(C, (kh, kw), feature_group_count=C)`` (kernel (kh, kw, 1, C), bias (C,), same
 initialisers), so checkpoints and converted weights are interchangeable. XLA fuses the kh·kw multiply-adds into
-one elementwise loop. On XLA:CPU (one core, x of shape (8, 14, 14, 192), 3×3) the grouped ``lax.conv`` it
-replaces takes 14.4 ms forward / 52 ms forward+backward, this 0.25 / 29 ms (XCiT's LPI: docs/benchmarks.md).
+one elementwise loop, where XLA:CPU lowers the grouped ``lax.conv`` it replaces to a slow generic loop (XCiT's
+LPI; timings of both: docs/benchmarks.md §3).
 Only x and the kernel are kept for the backward pass (the shifted products are recomputed).
 """
 from __future__ import annotations

@@ -4,9 +4,9 @@ A dense map contracts the trailing axes of x (..., in) with the leading axes of 
 ``lax.dot_general`` on the N-d arrays (what ``flax.linen.Dense`` does), its weight gradient ∂W = xᵀ ḡ contracts
 over all the leading (batch, position) axes at once; XLA:CPU then materialises a transposed copy of ḡ and runs
 the product in a slow (transposed, transposed) form — the feed-forward weight gradients of the Linformer
-benchmark ran at ≈ 15 GFLOP/s on a core whose matrix peak is ≈ 100 (docs/benchmarks.md §2). Folding the leading
-axes into one (x → (M, in), W → (in, out)) first gives a plain 2-D product whose gradient is one (M, in)ᵀ (M, out)
-contraction, with no copy. Same values (the same sums); reshapes are free on every backend.
+benchmark ran far below the core's matrix peak (docs/benchmarks.md §2, "Dense maps as one 2-D product").
+Folding the leading axes into one (x → (M, in), W → (in, out)) first gives a plain 2-D product whose gradient is
+one (M, in)ᵀ (M, out) contraction, with no copy. Same values (the same sums); reshapes are free on every backend.
 
 Usage: ``nn.Dense(features, dot_general=flat_dot_general)`` or ``nn.DenseGeneral(..., dot_general=...)``.
 """

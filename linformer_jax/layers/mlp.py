@@ -21,7 +21,7 @@ def exact_gelu(x: jax.Array) -> jax.Array:
   about twice as fast as erfc (forward and backward of the FF activation). The two agree to ~1e-6 absolute; the erf
   form loses relative precision only where |GELU(x)| < 1e-5 (x < −4.4), as torch's does. Written as
   h + h·erf(x/√2) with h = x/2: one scalar constant fewer for XLA:CPU's fused kernels, which take each scalar as
-  a full (tokens, dim_ff) array (Linformer forward at n = 16384 −4 %, docs/benchmarks.md §2).
+  a full (tokens, dim_ff) array (timings: docs/benchmarks.md §2, "GELU without the "1 +"").
   """
   half = 0.5 * x
   return half + half * jax.lax.erf(x * _SQRT_HALF)

@@ -28,7 +28,8 @@ from linformer_jax.layers.dense import flat_dot_general
 from linformer_jax.layers.embeddings import POS_EMBS, TokenEmbedder
 from linformer_jax.layers.mlp import ACTIVATIONS, FeedForward
 from linformer_jax.layers.projections import CONSTANTS, PROJECTIONS, SeqProjection
-from linformer_jax.remat import REMAT_LEVELS, remat_layer, remat_sublayer, validate_remat
+from linformer_jax.layers.softmax_kernel import check_kernel_args
+from linformer_jax.remat import RematPlan
 
 ATTENTIONS = ("linformer", "full")
 NORMS = ("pre", "post")
@@ -46,63 +47,70 @@ class _Block(nn.Module):
 
   pre:  x ← x + Drop(Attn(LN(x)));  x ← x + Drop(FF(LN(x)))
   post: x ← LN(x + Drop(Attn(x)));  x ← LN(x + Drop(FF(x)))   (linformer-pytorch, RoBERTa)
-  """
-  attention_kwargs: Any  # dict of LinformerSelfAttention / FullSelfAttention fields
-  attention: str = "linformer"
-  shared_projection: Optional[nn.Module] = None
-  dim_ff: int = 1024
-  include_ff: bool = True
-  norm: str = "pre"
-  activation: str = "gelu"
-  dropout: float = 0.0
-  layer_norm_eps: float = 1e-5
-  remat: str = "C0"
-  remat_policy: str = "nothing_saveable"
-  scanned: bool = False
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
-  def _attention_kwargs(self, kwargs, name):
-    return dict(kwargs, remat_heads=self.remat == "C2", remat_policy=self.remat_policy, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=name)
+  Attributes:
+    config: the model's ``LinformerConfig``.
+    k: this layer's projected length k_i (``config.k_per_layer()``).
+    shared_projection: the network-wide E=F (sharing="layerwise").
+    scanned: the block runs inside ``nn.scan``.
+  """
+  config: "LinformerConfig"
+  k: int
+  shared_projection: Optional[nn.Module] = None
+  scanned: bool = False
+
+  def _attention(self, parent, name: str, attention: str, causal: bool = False) -> nn.Module:
+    """The attention layer of this block: the one place the config's fields reach the attention modules."""
+    c = self.config
+    common = dict(num_heads=c.num_heads, head_dim=c.head_dim, w_o_intermediate_dim=c.w_o_intermediate_dim,
+                  attention_dropout=c.attention_dropout, remat_heads=c.remat_plan.per_head,
+                  remat_policy=c.remat_policy, attention_impl=c.attention_impl,
+                  attention_block_rows=c.attention_block_rows, dtype=c.dtype, param_dtype=c.param_dtype,
+                  name=name, parent=parent)
+    if attention == "linformer":
+      return LinformerSelfAttention(max_len=c.max_len, k=self.k, sharing=c.sharing, projection=c.projection,
+                                    projection_bias=c.projection_bias, shared_projection=self.shared_projection,
+                                    **common)
+    return FullSelfAttention(causal=causal, **common)
 
   def _feed_forward(self, parent):
-    return FeedForward(self.dim_ff, self.activation, self.dropout, remat_chunks=self.remat == "C2",
-                       remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
-                       name="ff", parent=parent)
+    c = self.config
+    return FeedForward(c.ff_dim, c.activation, c.dropout, remat_chunks=c.remat_plan.chunked_ff,
+                       remat_policy=c.remat_policy, dtype=c.dtype, param_dtype=c.param_dtype, name="ff",
+                       parent=parent)
 
   def _sublayer(self, x, fn, name, deterministic, *args):
     """The residual sub-layer around ``fn(block, h, *args)`` with its LayerNorm (pre or post).
 
     At C1 the whole sub-layer (LayerNorm, fn, dropout, residual) is one ``nn.remat`` region, so only its
-    input is kept for the backward pass (at C2 the region is the whole layer, see ``remat_layer``).
+    input is kept for the backward pass (at C2 the region is the whole layer, see ``RematPlan.layer``).
     Submodules are created inside with ``parent=block`` and explicit names, so the parameter tree is the
     same at every level.
     """
+    c = self.config
+
     def body(block, x, *args):
-      ln = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+      ln = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
                         name=f"ln_{name}", parent=block)
-      drop = lambda y: nn.Dropout(self.dropout, parent=block)(y, deterministic=deterministic)
-      if self.norm == "pre":
+      drop = lambda y: nn.Dropout(c.dropout, parent=block)(y, deterministic=deterministic)
+      if c.norm == "pre":
         return x + drop(fn(block, ln(x), *args))
       return ln(x + drop(fn(block, x, *args)))
 
-    return remat_sublayer(body, self.remat, self.remat_policy, scanned=self.scanned)(self, x, *args)
+    return c.remat_plan.sublayer(body, scanned=self.scanned)(self, x, *args)
+
+  def _feed_forward_sublayer(self, x, deterministic):
+    if not self.config.include_ff:
+      return x
+    return self._sublayer(x, lambda block, h: self._feed_forward(block)(h, deterministic), "ff", deterministic)
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
-    def attend(block, h, mask):
-      kw = self._attention_kwargs(self.attention_kwargs, "attention")
-      if self.attention == "linformer":
-        attn = LinformerSelfAttention(shared_projection=self.shared_projection, parent=block, **kw)
-      else:
-        attn = FullSelfAttention(parent=block, **kw)
-      return attn(h, None, mask, deterministic)
-
+    c = self.config
+    attend = lambda block, h, mask: self._attention(block, "attention", c.attention, c.causal)(
+        h, None, mask, deterministic)
     x = self._sublayer(x, attend, "attention", deterministic, mask)
-    if self.include_ff:
-      x = self._sublayer(x, lambda block, h: self._feed_forward(block)(h, deterministic), "ff", deterministic)
-    return x
+    return self._feed_forward_sublayer(x, deterministic)
 
 
 def _create_shared_variables(shared: nn.Module, max_len: int, heads: int, head_dim: int) -> None:
@@ -119,7 +127,31 @@ class _ScannedBlock(_Block):
     return super().__call__(x, mask, deterministic), None
 
 
-class LinformerFields(nn.Module):
+class _Derived:
+  """What the layers need derived from the Linformer fields, stated once (``LinformerFields`` and
+  ``LinformerConfig`` both have it)."""
+
+  @property
+  def layer_head_dim(self) -> int:
+    """Width per head: head_dim, or dim // num_heads."""
+    return self.head_dim or self.dim // self.num_heads
+
+  @property
+  def ff_dim(self) -> int:
+    """Feed-forward hidden width: dim_ff, or 4·dim."""
+    return self.dim_ff or 4 * self.dim
+
+  @property
+  def remat_plan(self) -> RematPlan:
+    """The checkpoint level ``remat`` decoded (``linformer_jax.remat.RematPlan``)."""
+    return RematPlan(self.remat, self.remat_policy)
+
+  def k_per_layer(self, depth: Optional[int] = None) -> list[int]:
+    """k_i = max(1, k - i·k_reduce_by_layer) for i = 0 … depth-1 (default: the encoder's depth)."""
+    return [max(1, self.k - i * self.k_reduce_by_layer) for i in range(self.depth if depth is None else depth)]
+
+
+class LinformerFields(_Derived, nn.Module):
   """The encoder's hyper-parameters, shared by ``Linformer`` and the models built on it.
 
   Attributes:
@@ -151,6 +183,10 @@ class LinformerFields(nn.Module):
       ``layers``): compile time roughly independent of depth. Needs identical layers, so not with
       k_reduce_by_layer > 0 or sharing="layerwise".
     layer_norm_eps: LayerNorm epsilon (1e-5 as PyTorch).
+    attention_impl: the softmax kernel of every attention layer: "xla" | "dot_product_attention"; None = the
+      default for the backend and dtype (``linformer_jax.layers.default_implementation``).
+    attention_block_rows: queries per block of that kernel (the "xla" one); None = the backend's default
+      (``linformer_jax.layers.default_block_rows``: blocks only for large scores on the CPU), 0 = never block.
   """
   max_len: int
   dim: int
@@ -175,6 +211,8 @@ class LinformerFields(nn.Module):
   remat_policy: str = "nothing_saveable"
   scan_layers: bool = False
   layer_norm_eps: float = 1e-5
+  attention_impl: Optional[str] = None
+  attention_block_rows: Optional[int] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -196,11 +234,13 @@ class LinformerFields(nn.Module):
     check_choice("attention", self.attention, ATTENTIONS)
     check_choice("norm", self.norm, NORMS)
     check_choice("activation", self.activation, tuple(ACTIVATIONS))
-    validate_remat(self.remat, self.remat_policy)
+    RematPlan(self.remat, self.remat_policy)  # validates level and policy
     for flag in ("projection_bias", "include_ff", "causal", "scan_layers"):
       check_bool(flag, getattr(self, flag))
     check_rate("dropout", self.dropout)
     check_rate("attention_dropout", self.attention_dropout)
+    check_kernel_args(self.attention_impl, self.attention_block_rows,
+                      names=("attention_impl", "attention_block_rows"))
     check_int("k", self.k, minimum=1)
     if self.attention == "linformer" and self.k > self.max_len:
       raise ValueError(f"k={self.k} exceeds max_len={self.max_len}; the projection maps n <= max_len "
@@ -224,12 +264,22 @@ class LinformerFields(nn.Module):
 
   def encoder_fields(self) -> dict:
     """The LinformerFields of this module as a dict (to build a ``Linformer`` from a wrapper)."""
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(LinformerFields)
-            if f.name not in ("parent", "name")}
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(LinformerConfig)}
 
-  def k_per_layer(self) -> list[int]:
-    """k_i = max(1, k - i·k_reduce_by_layer) for i = 0 … depth-1."""
-    return [max(1, self.k - i * self.k_reduce_by_layer) for i in range(self.depth)]
+  def config(self) -> "LinformerConfig":
+    """The (validated) fields as a frozen ``LinformerConfig``, which the layers are built from."""
+    return LinformerConfig(**self.encoder_fields())
+
+
+LinformerConfig = dataclasses.make_dataclass(
+    "LinformerConfig",
+    [(f.name, f.type, dataclasses.field(default=f.default, kw_only=True))
+     for f in dataclasses.fields(LinformerFields) if f.name not in ("parent", "name")],
+    bases=(_Derived,), frozen=True)
+LinformerConfig.__module__ = __name__
+LinformerConfig.__doc__ = """Frozen copy of a model's ``LinformerFields`` (same names, types and defaults; the fields are
+defined and validated once, on ``LinformerFields``), passed whole to every layer as in the flax wmt example's
+``TransformerConfig``. Build it with ``model.config()``."""
 
 
 class Linformer(LinformerFields):
@@ -245,21 +295,6 @@ class Linformer(LinformerFields):
     check_length("x", x.shape[1], self.max_len)
     check_mask(mask, x.shape[0], x.shape[1])
 
-  def _layer_fields(self, k_i, shared, **overrides):
-    attention_kwargs = dict(num_heads=self.num_heads, head_dim=self.head_dim,
-                            w_o_intermediate_dim=self.w_o_intermediate_dim,
-                            attention_dropout=self.attention_dropout)
-    if self.attention == "linformer":
-      attention_kwargs.update(max_len=self.max_len, k=k_i, sharing=self.sharing,
-                              projection=self.projection, projection_bias=self.projection_bias)
-    else:
-      attention_kwargs.update(causal=self.causal)
-    return dict(attention_kwargs=attention_kwargs, attention=self.attention, shared_projection=shared,
-                dim_ff=self.dim_ff or 4 * self.dim, include_ff=self.include_ff, norm=self.norm,
-                activation=self.activation, dropout=self.dropout, layer_norm_eps=self.layer_norm_eps,
-                remat=self.remat, remat_policy=self.remat_policy, dtype=self.dtype,
-                param_dtype=self.param_dtype, **overrides)
-
   def _shared_projection(self):
     if self.sharing != "layerwise" or self.attention != "linformer":
       return None
@@ -269,19 +304,21 @@ class Linformer(LinformerFields):
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
     self._check_inputs(x, mask)
+    config = self.config()
+    plan = config.remat_plan
     shared = self._shared_projection()
-    if shared is not None and self.remat != "C0":
-      _create_shared_variables(shared, self.max_len, self.num_heads, self.head_dim or self.dim // self.num_heads)
+    if shared is not None and plan.level != "C0":
+      _create_shared_variables(shared, self.max_len, self.num_heads, config.layer_head_dim)
     if self.scan_layers:
-      block = remat_layer(_ScannedBlock, self.remat, self.remat_policy, static_argnums=(3,), scanned=True)
+      block = plan.layer(_ScannedBlock, static_argnums=(3,), scanned=True)
       scan = nn.scan(block, variable_axes={"params": 0, CONSTANTS: 0},
                      split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast, nn.broadcast),
                      length=self.depth)
-      x, _ = scan(**self._layer_fields(self.k, None, scanned=True), name="layers")(x, mask, deterministic)
+      x, _ = scan(config=config, k=self.k, scanned=True, name="layers")(x, mask, deterministic)
     else:
-      block = remat_layer(_Block, self.remat, self.remat_policy, static_argnums=(3,))
-      for i, k_i in enumerate(self.k_per_layer()):
-        x = block(**self._layer_fields(k_i, shared), name=f"layer_{i}")(x, mask, deterministic)
+      block = plan.layer(_Block, static_argnums=(3,))
+      for i, k_i in enumerate(config.k_per_layer()):
+        x = block(config=config, k=k_i, shared_projection=shared, name=f"layer_{i}")(x, mask, deterministic)
     if self.norm == "pre":
       x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                        name="ln_final")(x)
@@ -374,30 +411,19 @@ class LinformerClassifier(LinformerFields, kw_only=True):
     return dense(self.num_classes, "head")(pooled)
 
 
-class _DecoderBlock(_Block, kw_only=True):
-  """Causal full self-attention → Linformer cross-attention over the encoder output → feed-forward.
-
-  ``attention_kwargs`` configure the self-attention, ``cross_attention_kwargs`` the cross-attention.
-  """
-  cross_attention_kwargs: Any
+class _DecoderBlock(_Block):
+  """Causal full self-attention → Linformer cross-attention over the encoder output → feed-forward; fields as
+  ``_Block`` (``k``: the cross-attention's projected length)."""
 
   @nn.compact
   def __call__(self, y, enc, tgt_mask=None, src_mask=None, deterministic: bool = True):
-    def self_attend(block, h, tgt_mask):
-      attn = FullSelfAttention(causal=True, parent=block,
-                               **self._attention_kwargs(self.attention_kwargs, "self_attention"))
-      return attn(h, None, tgt_mask, deterministic)
-
-    def cross_attend(block, h, enc, src_mask):
-      attn = LinformerSelfAttention(shared_projection=self.shared_projection, parent=block,
-                                    **self._attention_kwargs(self.cross_attention_kwargs, "cross_attention"))
-      return attn(h, enc, src_mask, deterministic)
-
+    self_attend = lambda block, h, tgt_mask: self._attention(block, "self_attention", "full", causal=True)(
+        h, None, tgt_mask, deterministic)
+    cross_attend = lambda block, h, enc, src_mask: self._attention(block, "cross_attention", "linformer")(
+        h, enc, src_mask, deterministic)
     y = self._sublayer(y, self_attend, "self_attention", deterministic, tgt_mask)
     y = self._sublayer(y, cross_attend, "cross_attention", deterministic, enc, src_mask)
-    if self.include_ff:
-      y = self._sublayer(y, lambda block, h: self._feed_forward(block)(h, deterministic), "ff", deterministic)
-    return y
+    return self._feed_forward_sublayer(y, deterministic)
 
 
 class LinformerEncDec(LinformerFields, kw_only=True):
@@ -434,18 +460,10 @@ class LinformerEncDec(LinformerFields, kw_only=True):
     depth = self.decoder_depth or self.depth
     self.decoder_EF = (SeqProjection(self.max_len, self.k, self.projection, use_bias=self.projection_bias,
                                      **kw) if self.sharing == "layerwise" else None)
-    heads = dict(num_heads=self.num_heads, head_dim=self.head_dim,
-                 w_o_intermediate_dim=self.w_o_intermediate_dim, attention_dropout=self.attention_dropout)
-    decoder_block = remat_layer(_DecoderBlock, self.remat, self.remat_policy, static_argnums=(5,))
-    self.decoder_layers = [
-        decoder_block(attention_kwargs=heads, cross_attention_kwargs=dict(
-            heads, max_len=self.max_len, k=max(1, self.k - i * self.k_reduce_by_layer), sharing=self.sharing,
-            projection=self.projection, projection_bias=self.projection_bias),
-                      shared_projection=self.decoder_EF, dim_ff=self.dim_ff or 4 * self.dim,
-                      include_ff=self.include_ff, norm=self.norm, activation=self.activation,
-                      dropout=self.dropout, layer_norm_eps=self.layer_norm_eps, remat=self.remat,
-                      remat_policy=self.remat_policy, **kw)
-        for i in range(depth)]
+    config = self.config()
+    decoder_block = config.remat_plan.layer(_DecoderBlock, static_argnums=(5,))
+    self.decoder_layers = [decoder_block(config=config, k=k_i, shared_projection=self.decoder_EF)
+                           for k_i in config.k_per_layer(depth)]
     self.decoder_ln = nn.LayerNorm(epsilon=self.layer_norm_eps, **kw) if self.norm == "pre" else None
     self.logits = nn.Dense(self.target_vocab_size or self.vocab_size, dot_general=flat_dot_general, **kw)
     self.drop = nn.Dropout(self.dropout)
@@ -460,8 +478,7 @@ class LinformerEncDec(LinformerFields, kw_only=True):
     check_mask(tgt_mask, tgt_in.shape[0], tgt_in.shape[1], "tgt_mask")
     y = self.drop(self.tgt_embed(tgt_in), deterministic=deterministic)
     if self.decoder_EF is not None and self.remat != "C0":
-      _create_shared_variables(self.decoder_EF, self.max_len, self.num_heads,
-                               self.head_dim or self.dim // self.num_heads)
+      _create_shared_variables(self.decoder_EF, self.max_len, self.num_heads, self.layer_head_dim)
     for layer in self.decoder_layers:
       y = layer(y, enc, tgt_mask, src_mask, deterministic)
     if self.decoder_ln is not None:

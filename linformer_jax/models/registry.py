@@ -1,12 +1,17 @@
-"""Model registry with timm names, and the timm-style fine-tuning API (classifier access and replacement).
+"""Model registry: every model the trainer trains, under one name each, and the timm-style fine-tuning API.
+
+Names: ``linformer_lm``, ``linformer_classifier``, ``linformer_encdec`` (no preset: every required field is an
+override), timm's XCiT names (``xcit_nano_12_p16_224`` …) and the ViT/DeiT baselines (``vit_tiny_patch16_224`` …).
 
     model = create_model("xcit_nano_12_p16_224", num_classes=10)
+    lm = create_model("linformer_lm", vocab_size=256, max_len=128, dim=64, depth=2, num_heads=4, k=32)
     variables = model.init(rng, jnp.zeros((1, 224, 224, 3)))
     new_model, transfer = reset_classifier(model, num_classes=5)
     new_variables = transfer(variables, rng)          # everything but the head carried over
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from typing import Any, Callable
 
@@ -15,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import unfreeze
 
+from linformer_jax.models.linformer import LinformerClassifier, LinformerEncDec, LinformerLM
 from linformer_jax.models.vit import VisionTransformer
 from linformer_jax.models.xcit import XCiT
 
@@ -34,7 +40,11 @@ _VIT = {
     "base": dict(embed_dim=768, depth=12, num_heads=12),
 }
 
-_REGISTRY: dict[str, tuple[type, dict]] = {}
+_REGISTRY: dict[str, tuple[type, dict]] = {
+    "linformer_lm": (LinformerLM, {}),
+    "linformer_classifier": (LinformerClassifier, {}),
+    "linformer_encdec": (LinformerEncDec, {}),
+}
 for _variant, _cfg in _XCIT.items():
   for _patch in (16, 8):
     for _res in (224, 384):
@@ -51,16 +61,42 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
-  """Builds a registered model; keyword overrides replace fields (e.g. num_classes=10, drop_path_rate=0.1)."""
+  """Builds a registered model.
+
+  Args:
+    name: a name of ``list_models()``.
+    **overrides: module fields that replace the preset's (e.g. num_classes=10, drop_path_rate=0.1); the Linformer
+      names have no preset, so their required fields (max_len, dim, depth, num_heads, k, vocab_size, …) go here.
+
+  Returns:
+    The (unbound) flax module.
+
+  Raises:
+    ValueError: an unknown name. TypeError: an override that is not a field of the model.
+  """
   if name not in _REGISTRY:
     close = [n for n in _REGISTRY if n.split("_")[0] == name.split("_")[0]] or list(_REGISTRY)
     raise ValueError(f"unknown model name={name!r}; registered names include: {', '.join(sorted(close))}.")
-  cls, cfg = _REGISTRY[name]
-  fields = {f for f in cls.__dataclass_fields__ if f not in ("parent", "name")}
-  unknown = sorted(set(overrides) - fields)
+  unknown = sorted(set(overrides) - model_fields(name))
   if unknown:
-    raise TypeError(f"unknown override(s) {unknown} for {name} ({cls.__name__}); allowed: {sorted(fields)}.")
+    raise TypeError(unknown_fields_message(name, unknown))
+  cls, cfg = _REGISTRY[name]
   return cls(**{**cfg, **overrides})
+
+
+def model_fields(name: str) -> frozenset[str]:
+  """The fields ``create_model(name, **overrides)`` accepts (the module's dataclass fields)."""
+  cls, _ = _REGISTRY[name]
+  return frozenset(f for f in cls.__dataclass_fields__ if f not in ("parent", "name"))
+
+
+def unknown_fields_message(name: str, unknown: list[str]) -> str:
+  """'unknown field(s) … of <name> (did you mean …?); allowed fields: …' for overrides that are not fields."""
+  fields = sorted(model_fields(name))
+  close = [m for u in unknown for m in difflib.get_close_matches(u, fields, n=1)]
+  hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+  return (f"unknown field(s) {', '.join(map(repr, unknown))} for model {name!r} ({_REGISTRY[name][0].__name__})"
+          f"{hint}; allowed fields: {', '.join(fields)}.")
 
 
 def get_classifier(variables) -> dict:

@@ -6,6 +6,8 @@ the default grid, ``blocks_{i}/{norm1, attn/{query, key, value, out}, norm2, mlp
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ from linformer_jax._validate import check_choice, check_int, check_rate
 from linformer_jax.layers.attention import FullSelfAttention
 from linformer_jax.layers.drop_path import DropPath
 from linformer_jax.layers.mlp import FeedForward
+from linformer_jax.layers.softmax_kernel import check_kernel_args
 from linformer_jax.models.image_classifier import TokenClassifier, check_images
 
 LN_EPS = 1e-6
@@ -21,19 +24,25 @@ dense_init = nn.initializers.truncated_normal(0.02)
 
 
 class ViTBlock(nn.Module):
-  """Pre-LN block: x ← x + DropPath(Attn(LN(x))); x ← x + DropPath(MLP(LN(x)))."""
+  """Pre-LN block: x ← x + DropPath(Attn(LN(x))); x ← x + DropPath(MLP(LN(x))).
+
+  ``attention_impl`` / ``attention_block_rows``: the attention kernel's choices (``FullSelfAttention`` fields).
+  """
   num_heads: int
   mlp_ratio: float = 4.0
   qkv_bias: bool = True
   drop_rate: float = 0.0
   attn_drop_rate: float = 0.0
   drop_path_rate: float = 0.0
+  attention_impl: Optional[str] = None
+  attention_block_rows: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     det = not train
     drop_path = lambda y: DropPath(self.drop_path_rate)(y, deterministic=det)
     attn = FullSelfAttention(self.num_heads, qkv_bias=self.qkv_bias, attention_dropout=self.attn_drop_rate,
+                             attention_impl=self.attention_impl, attention_block_rows=self.attention_block_rows,
                              name="attn")
     y = attn(nn.LayerNorm(LN_EPS, name="norm1")(x), deterministic=det)
     x = x + drop_path(nn.Dropout(self.drop_rate)(y, deterministic=det))
@@ -47,7 +56,9 @@ class VisionTransformer(TokenClassifier):
   Attributes: img_size (the position table's resolution; other sizes divisible by patch_size are handled by
   bilinear resizing of the table), patch_size, in_chans, num_classes (0 = no head), embed_dim, depth,
   num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, drop_path_rate (linearly increasing over depth,
-  as DeiT), global_pool "token" | "avg".
+  as DeiT), global_pool "token" | "avg", attention_impl ("xla" | "dot_product_attention"; None = the default for
+  the backend and dtype) and attention_block_rows (queries per block of the attention kernel; None = the backend's
+  default, 0 = never block), see ``linformer_jax.layers.softmax_kernel``.
   Call: ``module.apply(variables, images, train=False)``; images (batch, H, W, in_chans) → (batch, num_classes).
   """
   img_size: int = 224
@@ -63,6 +74,8 @@ class VisionTransformer(TokenClassifier):
   attn_drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   global_pool: str = "token"
+  attention_impl: Optional[str] = None
+  attention_block_rows: Optional[int] = None
 
   def __post_init__(self):
     for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
@@ -73,6 +86,8 @@ class VisionTransformer(TokenClassifier):
     if self.embed_dim % self.num_heads:
       raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}.")
     check_choice("global_pool", self.global_pool, ("token", "avg"))
+    check_kernel_args(self.attention_impl, self.attention_block_rows,
+                      names=("attention_impl", "attention_block_rows"))
     for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
       check_rate(name, getattr(self, name))
     super().__post_init__()
@@ -84,7 +99,8 @@ class VisionTransformer(TokenClassifier):
     self.pos_embed = self.param("pos_embed", dense_init, (1, 1 + g * g, self.embed_dim))
     rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
     self.blocks = [ViTBlock(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate, self.attn_drop_rate,
-                            r) for r in rates]
+                            r, attention_impl=self.attention_impl, attention_block_rows=self.attention_block_rows)
+                   for r in rates]
     self.norm = nn.LayerNorm(LN_EPS)
     self.pos_drop = nn.Dropout(self.drop_rate)
     self.head_drop = nn.Dropout(self.drop_rate)

@@ -28,7 +28,7 @@ from linformer_jax.layers.dense import flat_dot_general
 from linformer_jax.layers.drop_path import DropPath
 from linformer_jax.layers.mlp import FeedForward, exact_gelu
 from linformer_jax.models.image_classifier import TokenClassifier, check_images
-from linformer_jax.remat import map_heads, remat_layer, remat_sublayer, validate_remat
+from linformer_jax.remat import RematPlan, map_heads
 
 LN_EPS = 1e-6  # LayerNorm epsilon everywhere in XCiT
 BN_MOMENTUM = 0.9  # = PyTorch momentum 0.1
@@ -206,11 +206,15 @@ class XCABlock(nn.Module):
   remat_policy: str = "nothing_saveable"
   scanned: bool = False
 
+  @property
+  def _plan(self) -> RematPlan:
+    return RematPlan(self.remat, self.remat_policy)
+
   def _remat(self, cls, static_argnums):
-    return remat_sublayer(cls, self.remat, self.remat_policy, static_argnums, self.scanned)
+    return self._plan.sublayer(cls, static_argnums, self.scanned)
 
   def _heads(self):
-    return dict(remat_heads=self.remat == "C2", remat_policy=self.remat_policy)
+    return dict(remat_heads=self._plan.per_head, remat_policy=self.remat_policy)
 
   @nn.compact
   def __call__(self, x: jax.Array, grid: tuple[int, int], train: bool = False) -> jax.Array:
@@ -232,7 +236,7 @@ class XCABlock(nn.Module):
       lpi = self._remat(LPI, (2, 3))(bn_axis_name=self.bn_axis_name, name="local_mp")
       x = x + drop_path(gamma("gamma3") * lpi(_layer_norm("norm3")(x), grid, train))
     mlp = self._remat(FeedForward, (2,))(int(c * self.mlp_ratio), "gelu", self.drop_rate,
-                                         remat_chunks=self.remat == "C2", remat_policy=self.remat_policy,
+                                         remat_chunks=self._plan.chunked_ff, remat_policy=self.remat_policy,
                                          name="mlp")
     return x + drop_path(gamma("gamma2") * mlp(_layer_norm("norm2")(x), det))
 
@@ -264,6 +268,7 @@ class ClassAttentionBlock(nn.Module):
   remat: str = "C0"
   remat_policy: str = "nothing_saveable"
 
+  _plan = XCABlock._plan
   _remat = XCABlock._remat
   _heads = XCABlock._heads
   scanned = False
@@ -338,7 +343,7 @@ class XCiT(TokenClassifier):
 
   def __post_init__(self):
     check_choice("patch_size", self.patch_size, (16, 8))
-    validate_remat(self.remat, self.remat_policy)
+    RematPlan(self.remat, self.remat_policy)  # validates level and policy
     for name in ("in_chans", "embed_dim", "depth", "num_heads", "img_size"):
       check_int(name, getattr(self, name), minimum=1)
     check_int("num_classes", self.num_classes, minimum=0)
@@ -364,19 +369,19 @@ class XCiT(TokenClassifier):
                  drop_path_rate=self.drop_path_rate, eta=self.eta, use_lpi=self.use_lpi, attention=self.attention,
                  normalize_qk=self.normalize_qk, learnable_temperature=self.learnable_temperature,
                  bn_axis_name=self.bn_axis_name, remat=self.remat, remat_policy=self.remat_policy)
+    plan = RematPlan(self.remat, self.remat_policy)
     if self.scan_layers:
-      scan = nn.scan(remat_layer(_ScannedXCABlock, self.remat, self.remat_policy, (2, 3), scanned=True),
+      scan = nn.scan(plan.layer(_ScannedXCABlock, (2, 3), scanned=True),
                      variable_axes={"params": 0, "batch_stats": 0},
                      split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast, nn.broadcast),
                      length=self.depth)
       self.blocks = scan(**block, scanned=True)
     else:
-      self.blocks = [remat_layer(XCABlock, self.remat, self.remat_policy, (2, 3))(**block)
-                     for _ in range(self.depth)]
-    cls_block = remat_layer(ClassAttentionBlock, self.remat, self.remat_policy, (2,))
+      self.blocks = [plan.layer(XCABlock, (2, 3))(**block) for _ in range(self.depth)]
+    cls_block = plan.layer(ClassAttentionBlock, (2,))
     self.cls_attn_blocks = [cls_block(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate,
-                                                self.attn_drop_rate, self.eta, self.tokens_norm, self.remat,
-                                                self.remat_policy)
+                                      self.attn_drop_rate, self.eta, self.tokens_norm, self.remat,
+                                      self.remat_policy)
                             for _ in range(self.cls_attn_layers)]
     self.norm = _layer_norm("norm")
     self.pos_drop = nn.Dropout(self.drop_rate)

@@ -1,10 +1,13 @@
 """The `Dataset` contract on every dataset: determinism, resume, host sharding, epoch coverage, eval."""
+import inspect
 import os
+import types
 
 import numpy as np
 import pytest
 
-from linformer_jax.data import DATASETS, Dataset, default_data_config, make_dataset
+from linformer_jax.data import (DATASETS, Dataset, ImageDataset, ListOpsDataset, MLMDataset, data_fields,
+                                default_data_config, make_dataset)
 from helpers import write_fake_cifar
 
 NAMES = ("listops", "mlm", "digits", "cifar10")
@@ -24,10 +27,11 @@ def write_text_corpus(directory, n_files=6, size=3000, seed=0):
 def small_config(name, tmp):
   """Tiny config of each dataset, reading/writing only under `tmp`."""
   cfg = default_data_config(name)
-  cfg.cache_dir = str(tmp / "cache")
+  if "cache_dir" in cfg:  # ListOps and MLM cache; the image datasets have no cache_dir
+    cfg.cache_dir = str(tmp / "cache")
   if name == "listops":
     cfg.num_train, cfg.num_eval = 60, 13
-    cfg.min_length, cfg.max_length, cfg.max_len = 20, 100, 64
+    cfg.min_tree_length, cfg.max_tree_length, cfg.max_len = 20, 100, 64
   elif name == "mlm":
     cfg.path = write_text_corpus(str(tmp / "corpus"))
     cfg.max_len, cfg.num_eval = 64, 11
@@ -201,22 +205,78 @@ def test_unknown_name():
     default_data_config("text")
 
 
-def test_default_configs_have_all_fields():
-  for name in DATASETS:
-    cfg = default_data_config(name)
-    for key in ("name", "path", "seed", "max_len", "num_train", "num_eval", "cache_dir", "mask_rate",
-                "image_size"):
-      assert key in cfg, (name, key)
-    assert cfg.name == name
-  assert default_data_config("listops").max_len == 2000
-  for key in ("min_length", "max_length", "max_depth", "max_args", "num_test"):
-    assert key in default_data_config("listops")
-  # None-valued fields are typed placeholders: overriding them with the right type works.
+# Each dataset's fields, spelled out (the registry derives them from the constructors).
+EXPECTED_FIELDS = {
+    "listops": {"name", "path", "seed", "max_len", "num_train", "num_eval", "num_test", "cache_dir",
+                "min_tree_length", "max_tree_length", "max_depth", "max_args"},
+    "mlm": {"name", "path", "seed", "max_len", "num_train", "num_eval", "cache_dir", "mask_rate", "max_bytes"},
+    "digits": {"name", "path", "seed", "num_train", "num_eval", "image_size", "augment", "crop_padding"},
+    "cifar10": {"name", "path", "seed", "num_train", "num_eval", "image_size", "augment", "crop_padding"},
+}
+CLASSES = {"listops": ListOpsDataset, "mlm": MLMDataset, "digits": ImageDataset, "cifar10": ImageDataset}
+
+
+def _constructor_defaults(cls):
+  """name → default of the keyword arguments of `cls` (its own `name` argument excluded)."""
+  params = inspect.signature(cls.__init__).parameters.values()
+  return {p.name: p.default for p in params if p.name not in ("self", "name") and p.kind == p.KEYWORD_ONLY}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_default_config_holds_exactly_its_constructor_fields(name):
+  cfg = default_data_config(name)
+  defaults = _constructor_defaults(CLASSES[name])
+  assert set(cfg.keys()) == {"name"} | set(defaults) == EXPECTED_FIELDS[name]
+  assert data_fields(name) == ("name",) + tuple(defaults)
+  assert cfg.name == name
+  for key, default in defaults.items():
+    assert cfg[key] == default, key
+
+
+def test_no_dataset_carries_another_datasets_fields():
+  assert "mask_rate" not in default_data_config("listops") and "image_size" not in default_data_config("listops")
+  assert "image_size" not in default_data_config("mlm") and "num_test" not in default_data_config("mlm")
+  for name in ("digits", "cifar10"):
+    assert not {"max_len", "cache_dir", "mask_rate"} & set(default_data_config(name).keys())
+  assert default_data_config("listops").max_len == 2000 and default_data_config("mlm").max_len == 512
+  assert default_data_config("listops").max_tree_length == 2000
+  assert default_data_config("listops").min_tree_length == 500
+
+
+def test_none_defaults_are_typed_placeholders():
+  """None-valued fields are typed placeholders, so --config.data.FIELD overrides parse and type-check."""
   cfg = default_data_config("listops")
-  cfg.num_train = 10
-  cfg.path = "/x"
+  cfg.num_train, cfg.num_test, cfg.path, cfg.cache_dir = 10, 3, "/x", "/c"
   with pytest.raises(TypeError):
     cfg.num_train = "many"
+  with pytest.raises(TypeError):
+    cfg.path = 5
+  img = default_data_config("digits")
+  img.num_eval = 7
+  with pytest.raises(TypeError):
+    img.num_eval = "some"
+
+
+def test_unknown_field_names_field_dataset_and_allowed(tmp_path):
+  with pytest.raises(ValueError) as err:
+    make_dataset({"name": "mlm", "mask_rat": 0.2})
+  msg = str(err.value)
+  for sub in ("data.mask_rat", "did you mean 'mask_rate'", "data.name='mlm'", "allowed fields",
+              ", ".join(sorted(EXPECTED_FIELDS["mlm"]))):
+    assert sub in msg, (sub, msg)
+  # Another dataset's field: named with the datasets that have it.
+  with pytest.raises(ValueError) as err:
+    make_dataset({"name": "listops", "mask_rate": 0.2, "cache_dir": str(tmp_path)})
+  msg = str(err.value)
+  for sub in ("data.mask_rate", "data.name='listops'", "'mlm'", "allowed fields", "max_tree_length"):
+    assert sub in msg, (sub, msg)
+  cfg = default_data_config("digits")
+  cfg.max_len = 64  # ConfigDict accepts a new key; make_dataset refuses it.
+  with pytest.raises(ValueError, match=r"data.max_len is not a field of data.name='digits'"):
+    make_dataset(cfg)
+  with pytest.raises(ValueError, match="data.image_size is not a field of data.name='mlm'"):
+    make_dataset(types.SimpleNamespace(name="mlm", image_size=8))
+  assert not os.listdir(tmp_path)  # Nothing generated before the checks.
 
 
 def test_plain_object_config_with_missing_fields(tmp_path):

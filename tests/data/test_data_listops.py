@@ -7,7 +7,7 @@ import pytest
 from linformer_jax.data import ListOpsDataset, default_data_config, make_dataset
 from linformer_jax.data import listops
 
-GEN = dict(min_length=20, max_length=100, max_depth=10, max_args=10)
+GEN = dict(min_tree_length=20, max_tree_length=100, max_depth=10, max_args=10)
 
 
 def evaluate(source):
@@ -83,7 +83,7 @@ def test_generator_is_seeded(generated):
 
 def test_tree_format():
   # Every operator prints as left-nested pairs: ( ( ( [OP a ) b ) ] ).
-  sources, _ = listops.generate(30, seed=0, min_length=2, max_length=12, max_depth=3, max_args=3)
+  sources, _ = listops.generate(30, seed=0, min_tree_length=2, max_tree_length=12, max_depth=3, max_args=3)
   for s in sources:
     toks = s.split()
     assert toks.count("(") == toks.count(")")
@@ -194,17 +194,56 @@ def test_missing_paths(tmp_path):
 
 def test_generator_argument_errors(tmp_path):
   base = {"name": "listops", "cache_dir": str(tmp_path), "num_train": 5, "num_eval": 2}
-  with pytest.raises(ValueError, match="data.min_length=50 and data.max_length=51"):
-    make_dataset(dict(base, min_length=50, max_length=51))
-  with pytest.raises(ValueError, match="data.min_length=500 is unreachable"):
+  with pytest.raises(ValueError, match="data.min_tree_length=50 and data.max_tree_length=51"):
+    make_dataset(dict(base, min_tree_length=50, max_tree_length=51))
+  with pytest.raises(ValueError, match="data.min_tree_length=500 is unreachable"):
     make_dataset(dict(base, max_depth=2, max_args=3))
   with pytest.raises(ValueError, match="data.max_args=1"):
     make_dataset(dict(base, max_args=1))
   with pytest.raises(ValueError, match="data.num_train=0"):
     make_dataset(dict(base, num_train=0))
   with pytest.raises(RuntimeError, match="found only"):
-    listops.generate(100, seed=0, min_length=0, max_length=3, max_depth=2, max_args=2, max_attempts=500)
+    listops.generate(100, seed=0, min_tree_length=0, max_tree_length=3, max_depth=2, max_args=2, max_attempts=500)
   assert not os.listdir(tmp_path)  # Nothing written before the checks.
+
+
+@pytest.mark.parametrize("old,new", [("min_length", "min_tree_length"), ("max_length", "max_tree_length")])
+def test_old_tree_length_names_raise_naming_the_new_ones(tmp_path, old, new):
+  """min_length / max_length were renamed (they are tree lengths, not the model's max_len)."""
+  message = f"data.{old} was renamed to data.{new}"
+  base = {"name": "listops", "cache_dir": str(tmp_path), "num_train": 5, "num_eval": 2}
+  with pytest.raises(ValueError, match=message) as err:
+    make_dataset(dict(base, **{old: 300}))
+  assert "data.max_len" in str(err.value)
+  cfg = default_data_config("listops")
+  cfg[old] = 300  # e.g. --config.data.max_length=300 on an old command line
+  with pytest.raises(ValueError, match=message):
+    make_dataset(cfg)
+  with pytest.raises(ValueError, match=message):
+    ListOpsDataset(cache_dir=str(tmp_path), **{old: 300})
+  with pytest.raises(ValueError, match=message):
+    listops.generate(3, seed=0, **{old: 300})
+  assert not os.listdir(tmp_path)  # Nothing generated before the checks.
+
+
+def test_other_unexpected_keywords_are_type_errors():
+  with pytest.raises(TypeError, match="ListOpsDataset.. got an unexpected keyword argument 'max_lenn'"):
+    ListOpsDataset(max_lenn=3)
+  with pytest.raises(TypeError, match="generate.. got an unexpected keyword argument 'depth'"):
+    listops.generate(3, seed=0, depth=3)
+
+
+def test_cache_key_format_unchanged_by_the_rename():
+  """Sets cached before min_length / max_length became min_tree_length / max_tree_length are reused."""
+  key = listops.cache_key(0, {"train": 64, "val": 16, "test": 16}, min_tree_length=10, max_tree_length=60,
+                          max_depth=10, max_args=10)
+  assert key == "v1_seed0_n64-16-16_len10-60_d10_a10"
+
+
+def test_longest_tree_length():
+  assert listops.longest_tree_length(1, 10) == 1
+  assert listops.longest_tree_length(2, 3) == 5  # [OP d d d ]
+  assert listops.longest_tree_length(3, 2) == 2 + 2 * 4
 
 
 def test_cache_files_and_reuse(tmp_path):
@@ -261,3 +300,17 @@ def test_outer_operator_baseline_hand_counted(tmp_path):
   ds = make_dataset({"name": "listops", "path": d, "max_len": 8})
   assert ds.info["outer_operator_accuracy"] == pytest.approx(3 / 5)
   assert ds.outer_operator_accuracy("test") == pytest.approx(1 / 2)
+
+
+@pytest.mark.parametrize("config", ["listops_linformer", "listops_transformer"])
+def test_listops_configs_use_the_tree_length_names(tmp_path, config):
+  import importlib
+  cfg = importlib.import_module(f"configs.{config}").get_config("runlocal")
+  assert set(cfg.data.keys()) == set(default_data_config("listops").keys())
+  assert (cfg.data.min_tree_length, cfg.data.max_tree_length, cfg.data.max_len) == (10, 60, 64)
+  cpu = importlib.import_module(f"configs.{config}").get_config("cpu")
+  assert (cpu.data.min_tree_length, cpu.data.max_tree_length, cpu.data.max_len) == (50, 300, 300)
+  cfg.data.cache_dir = str(tmp_path)
+  ds = make_dataset(cfg.data)
+  assert ds.info["num_train"] == 64 and ds.lengths("train").min() > 10 and ds.lengths("train").max() < 60
+  assert os.path.basename(ds.source_dir) == "v1_seed0_n64-16-16_len10-60_d10_a10"

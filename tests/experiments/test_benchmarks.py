@@ -49,15 +49,12 @@ def test_efficiency(tmp_path):
   assert memory_only and all(r.get("time_full_s") is None and r["mem_saved"] > 1 for r in memory_only)
 
 
-def test_efficiency_baselines_standard_and_blocked(tmp_path, monkeypatch):
+def test_efficiency_baselines_standard_and_blocked(tmp_path):
   """On CPU the Table-3 baseline is the standard Transformer (each head's n × n scores held at once), and the same
-  model with query blocks is a second baseline; the blocks' limits are lowered so the tiny sweep uses them."""
+  model with query blocks is a second baseline; --attention-block-rows 16 makes the tiny sweep use blocks (of 16
+  queries). FLOPs are those of the unblocked models (a loop body would count once)."""
   from experiments import bench_efficiency
-  from linformer_jax.layers import attention
-  monkeypatch.setattr(attention, "CPU_SCORES_BLOCK_BYTES", 64)
-  monkeypatch.setattr(attention, "CPU_BLOCK_BYTES_PER_HEAD_DIM", 1024)  # blocks of 16 queries at n = 256, d = 16
-  bench_efficiency.main(["--out", str(tmp_path), "--tiny"])
-  assert attention.CPU_SCORES_BLOCK_BYTES == 64  # restored after the standard baseline's traces
+  bench_efficiency.main(["--out", str(tmp_path), "--tiny", "--attention-block-rows", "16"])
   rows = json.loads((tmp_path / "efficiency.json").read_text())
   geometry = bench_efficiency.SWEEPS["tiny"]["model"]
   heads = geometry["num_heads"]
@@ -68,23 +65,38 @@ def test_efficiency_baselines_standard_and_blocked(tmp_path, monkeypatch):
     if r["n"] == largest:  # there the scores outweigh the rest of the forward
       assert scores > r["temp_full_blocked_bytes"] and r["mem_saved_blocked"] < r["mem_saved"]
     assert r["mem_saved_blocked"] == pytest.approx(r["mem_full_blocked_bytes"] / r["mem_linformer_bytes"], rel=0.01)
+    assert r["attention_block_rows"] == 16
     if r["section"] == "time+memory":
       assert r["time_full_blocked_s"] > 0
       assert r["time_saved_blocked"] == pytest.approx(r["time_full_blocked_s"] / r["time_linformer_s"], rel=0.01)
+      if r["n"] == largest:  # both models ran in blocks, FLOPs counted unblocked: the hand count of test_efficiency
+        matmuls = 4 * r["batch"] * r["n"] * r["dim"] * (r["n"] - 2 * r["k"]) * r["depth"]
+        assert matmuls <= r["flops_full"] - r["flops_linformer"] <= 1.5 * matmuls
   md = (tmp_path / "efficiency.md").read_text()
   assert "time_saved_blocked" in md and "mem_saved_blocked" in md
 
 
-def test_counted_memory_includes_the_attention_scores(monkeypatch):
+def test_efficiency_flops_are_those_of_the_unblocked_model():
+  """bench_efficiency compiles a model in query blocks, but flops_of counts the same model unblocked (flops_fn):
+  the count equals the standard (unblocked) program's, while XLA's own count of the blocked one is lower."""
+  from experiments.bench_common import flops_of
+  from experiments.bench_efficiency import _compile_forward, _model
+  model = _model(64, 16, "full", dict(dim=16, num_heads=2, dim_ff=32, depth=1, attention_block_rows=8))
+  blocked, _, _, _ = _compile_forward(model, (1, 64, 16))
+  standard, _, _, _ = _compile_forward(model, (1, 64, 16), standard=True)
+  assert blocked.cost_analysis()["flops"] < standard.cost_analysis()["flops"]  # the blocked loop body counts once
+  assert flops_of(blocked) == flops_of(standard) > 0
+
+
+def test_counted_memory_includes_the_attention_scores():
   """Full attention without query blocks must hold one head's n × n scores at some point: the counted temp bytes
   cover at least that (on CPU the fused program's own memory_analysis() may not: YNNPACK fusions keep them outside
   XLA's count)."""
-  from experiments.bench_common import counted_memory
-  from linformer_jax.layers import attention
+  from experiments.bench_common import counted_memory, unblocked
   from linformer_jax.models import Linformer
-  monkeypatch.setattr(attention, "CPU_SCORES_BLOCK_BYTES", 2**40)  # no query blocks (see query_block_rows)
   n, heads, dim = 2048, 4, 256  # large enough for XLA:CPU to fuse (the fused count is 1/8 of the scores here)
-  model = Linformer(max_len=n, k=n, attention="full", dim=dim, num_heads=heads, dim_ff=512, depth=1)
+  model = unblocked(Linformer(max_len=n, k=n, attention="full", dim=dim, num_heads=heads, dim_ff=512, depth=1))
+  assert model.attention_block_rows == 0  # no query blocks
   x = jax.ShapeDtypeStruct((1, n, dim), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
   mem = counted_memory(model.apply, variables, x)
@@ -131,22 +143,40 @@ def test_optimizer_state(tmp_path):
       assert r["expected_bytes"] <= r["state_bytes"] <= r["expected_bytes"] + 4 * 3 * len(shapes) + 64
 
 
-def test_compile(tmp_path):
+def _spy_on_train_steps(monkeypatch):
+  """Records the data kind of every ``linformer_jax.steps.make_train_step`` call (the trainer's step)."""
+  from linformer_jax import steps
+  kinds, real = [], steps.make_train_step
+
+  def spy(model, tx, kind, *args, **kwargs):
+    kinds.append(kind)
+    return real(model, tx, kind, *args, **kwargs)
+  monkeypatch.setattr(steps, "make_train_step", spy)
+  return kinds
+
+
+def test_compile(tmp_path, monkeypatch):
+  kinds = _spy_on_train_steps(monkeypatch)
   rows = run_bench("compile", tmp_path)
   assert {r["scan_layers"] for r in rows} == {True, False}
   for r in rows:
     assert r["lower_s"] > 0 and r["compile_s"] > 0 and r["total_vs_depth4"] > 0
     assert r["total_s"] == pytest.approx(r["lower_s"] + r["compile_s"], abs=0.002)
+    assert r["model"] == "linformer_lm" and r["step"].startswith("linformer_jax.steps.make_train_step")
+  assert kinds == ["mlm"] * sum(r["repeats"] for r in rows)  # every compiled step is the trainer's
 
 
-def test_roofline(tmp_path):
+def test_roofline(tmp_path, monkeypatch):
+  kinds = _spy_on_train_steps(monkeypatch)
   rows = run_bench("roofline", tmp_path)
+  assert kinds == ["mlm", "mlm"]  # the timed step and its unblocked twin for the FLOP count
   by = {r["part"]: r for r in rows}
   assert by["peak: jnp.dot f32"]["fraction_of_peak"] == 1.0
   n = by["peak: jnp.dot f32"]["peak_n"]
   assert by["peak: jnp.dot f32"]["flops"] == pytest.approx(2 * n ** 3, rel=0.01)
   step = by["train step"]
-  assert step["flops"] > by["forward"]["flops"] > 0
+  assert step["step"].startswith("linformer_jax.steps.make_train_step") and step["model"] == "linformer_lm"
+  assert step["flops"] > 2 * by["forward"]["flops"] > 0  # backward ≈ 2 × forward, + the optimizer
   assert 0 < step["fraction_of_peak"] < 2 and step["user_s"] >= 0 and step["system_s"] >= 0
   assert all(r["time_s"] > 0 for r in rows)
 
@@ -228,23 +258,24 @@ def test_flops_are_counted_on_the_lowered_program():
   assert _cpu_flops(lambda t: t["a"] @ t["b"] * t["s"], ({"a": a, "b": b, "s": 2.0},)) >= 2 * 64 * 96 * 32
 
 
-def test_flops_of_blocked_attention_count_every_block(monkeypatch):
-  """XLA's cost_analysis counts a loop body once, so attention run in CPU query blocks (a lax.map) reports the
-  FLOPs of one block; flops_of counts the function traced unblocked: q·kᵀ and p·v, 2·b·h·t·s·d each (hand count)."""
+def test_flops_of_blocked_attention_count_every_block():
+  """XLA's cost_analysis counts a loop body once, so attention run in query blocks (a lax.map) reports the FLOPs
+  of one block; with compile_fn's flops_fn (the same attention unblocked) flops_of counts every block: q·kᵀ and p·v,
+  2·b·h·t·s·d each (hand count)."""
   from experiments.bench_common import compile_fn, flops_of
-  from linformer_jax.layers import attention
-  monkeypatch.setattr(attention, "CPU_SCORES_BLOCK_BYTES", 64)
-  monkeypatch.setattr(attention, "CPU_BLOCK_BYTES_PER_HEAD_DIM", 1024)
+  from linformer_jax.layers import softmax_attention
   b, t, s, h, d = 2, 256, 128, 2, 16
   q = jnp.ones((b, t, h, d))
   kv = jnp.ones((b, s, h, d))
-  assert attention.query_block_rows(q.shape, s, q.dtype) < t  # blocked here
-  fn = lambda q, k, v: attention.softmax_attention(q, k, v)
-  compiled, _, _ = compile_fn(fn, q, kv, kv)
+  fn = lambda q, k, v: softmax_attention(q, k, v, block_rows=32)  # 8 blocks
+  assert "scan" in str(jax.make_jaxpr(fn)(q, kv, kv))
   matmuls = 2 * (2 * b * h * t * s * d)
+  compiled, _, _ = compile_fn(fn, q, kv, kv)
   assert compiled.cost_analysis()["flops"] < matmuls / 4  # the loop body alone
+  assert flops_of(compiled) < matmuls / 4  # without flops_fn: the same undercount
+  compiled, _, _ = compile_fn(fn, q, kv, kv, flops_fn=lambda q, k, v: softmax_attention(q, k, v, block_rows=0))
+  assert compiled.cost_analysis()["flops"] < matmuls / 4
   assert matmuls <= flops_of(compiled) <= 1.5 * matmuls  # + softmax and scaling
-  assert attention.CPU_SCORES_BLOCK_BYTES == 64  # restored
 
 
 def test_torch_side_follows_the_jax_backend():
@@ -255,13 +286,12 @@ def test_torch_side_follows_the_jax_backend():
   assert memory_budget(1.5) == int(1.5 * 2**30) and memory_budget(None) > 0
 
 
-def test_gpu_precision_decides_tf32(monkeypatch):
+def test_gpu_precision_decides_tf32():
   """On a GPU, TensorFloat-32 on the torch side exactly when JAX's float32 matmuls may use it."""
   from experiments import bench_common
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   with jax.default_matmul_precision("highest"):
-    assert bench_common.torch_device_spec() == {"device": "cuda", "tf32": False}
-  assert bench_common.torch_device_spec() == {"device": "cuda", "tf32": True}
+    assert bench_common.torch_device_spec(backend="gpu") == {"device": "cuda", "tf32": False}
+  assert bench_common.torch_device_spec(backend="gpu") == {"device": "cuda", "tf32": True}
 
 
 def test_torch_worker_cuda_path_synchronizes_and_reads_the_allocator():
@@ -298,8 +328,7 @@ def test_torch_worker_cuda_path_synchronizes_and_reads_the_allocator():
   assert bench_torch._synced(Torch, "cpu", work) is work  # on CPU nothing is added
 
 
-def test_torch_side_on_cpu_against_a_tpu_is_flagged(monkeypatch):
+def test_torch_side_on_cpu_against_a_tpu_is_flagged():
   from experiments import bench_common
-  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   with pytest.warns(UserWarning, match="not comparable"):
-    assert bench_common.torch_device_spec() == {"device": "cpu"}
+    assert bench_common.torch_device_spec(backend="tpu") == {"device": "cpu"}

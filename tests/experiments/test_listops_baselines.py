@@ -27,10 +27,10 @@ def test_lookup_accuracy_by_hand():
 
 
 def test_quick_run_matches_the_dataset_baseline(tmp_path):
-  doc = lb.main(["--out", str(tmp_path), "--quick", "--min_length", "20", "--max_length", "60", "--cache_dir",
+  doc = lb.main(["--out", str(tmp_path), "--quick", "--min_tree_length", "20", "--max_tree_length", "60", "--cache_dir",
                  str(tmp_path / "cache")])
-  ds = ListOpsDataset(seed=0, max_len=60, num_train=2000, num_eval=500, num_test=500, min_length=20,
-                      max_length=60, cache_dir=str(tmp_path / "other_cache"))  # generated again, independently
+  ds = ListOpsDataset(seed=0, max_len=60, num_train=2000, num_eval=500, num_test=500, min_tree_length=20,
+                      max_tree_length=60, cache_dir=str(tmp_path / "other_cache"))  # generated again, independently
   acc = {r["baseline"]: r["test_accuracy"] for r in doc["rows"]}
   assert acc["outermost operator"] == pytest.approx(ds.outer_operator_accuracy("test"))
   assert acc["outermost operator + its operation over its direct digits"] > acc["outermost operator"]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from linformer_jax.layers import FullSelfAttention, LinformerSelfAttention
+from linformer_jax.models import Linformer, LinformerEncDec, VisionTransformer
 from helpers import np_init, rand
 
 ATOL = 1e-5
@@ -364,39 +365,73 @@ def test_full_attention_gradients_match_numpy():
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
-def test_query_block_rows_rule():
-  """Blocks only past the per-head score limit; a block's scores are 32 KiB × head dim per head; >= min rows."""
-  from linformer_jax.layers.attention import (CPU_BLOCK_BYTES_PER_HEAD_DIM, CPU_MIN_BLOCK_ROWS,
-                                              CPU_SCORES_BLOCK_BYTES, query_block_rows)
-  assert (CPU_SCORES_BLOCK_BYTES, CPU_BLOCK_BYTES_PER_HEAD_DIM, CPU_MIN_BLOCK_ROWS) == (2 * 2**20, 32 * 2**10, 16)
+def test_default_block_rows_rule():
+  """Blocks only on the CPU, past the per-head score limit; a block's scores are 32 KiB × head dim per head;
+  >= min rows. The limits are the function's argument defaults (nothing else reads them)."""
+  import inspect
+  from linformer_jax.layers.softmax_kernel import default_block_rows
+  params = inspect.signature(default_block_rows).parameters
+  assert (params["scores_block_bytes"].default, params["bytes_per_head_dim"].default,
+          params["min_rows"].default) == (2 * 2**20, 32 * 2**10, 16)
   f32 = jnp.float32
-  assert query_block_rows((1, 4096, 4, 16), 128, f32) == 4096     # 2 MiB per head: at the limit, no blocks
-  assert query_block_rows((1, 16384, 4, 16), 128, f32) == 1024    # 8 MiB; 512 KiB blocks = 1024 rows of 128 keys
-  assert query_block_rows((1, 4096, 4, 16), 4096, f32) == 32      # full attention: 32 rows of 4096 keys
-  assert query_block_rows((2, 4096, 4, 64), 4096, f32) == 128     # d = 64: 2 MiB blocks
-  assert query_block_rows((1, 1024, 4, 16), 1024, f32) == 128
-  assert query_block_rows((8, 1024, 8, 64), 256, f32) == 1024     # 1 MiB per head (batch and heads do not count)
-  assert query_block_rows((1, 65536, 1, 1), 65536, f32) == 16     # never fewer than 16 rows
-  assert query_block_rows((1, 16381, 4, 16), 128, f32) == 1024    # any t: the last block is padded
-  assert query_block_rows((1, 1000, 4, 16), 1000, jnp.float16) == 1000  # 2 bytes per score: under the limit
+  rows = functools.partial(default_block_rows, backend="cpu")
+  assert rows((1, 4096, 4, 16), 128, f32) == 4096     # 2 MiB per head: at the limit, no blocks
+  assert rows((1, 16384, 4, 16), 128, f32) == 1024    # 8 MiB; 512 KiB blocks = 1024 rows of 128 keys
+  assert rows((1, 4096, 4, 16), 4096, f32) == 32      # full attention: 32 rows of 4096 keys
+  assert rows((2, 4096, 4, 64), 4096, f32) == 128     # d = 64: 2 MiB blocks
+  assert rows((1, 1024, 4, 16), 1024, f32) == 128
+  assert rows((8, 1024, 8, 64), 256, f32) == 1024     # 1 MiB per head (batch and heads do not count)
+  assert rows((1, 65536, 1, 1), 65536, f32) == 16     # never fewer than 16 rows
+  assert rows((1, 16381, 4, 16), 128, f32) == 1024    # any t: the last block is padded
+  assert rows((1, 1000, 4, 16), 1000, jnp.float16) == 1000  # 2 bytes per score: under the limit
+  for backend in ("gpu", "tpu"):  # off the CPU: never blocks
+    assert default_block_rows((1, 4096, 4, 16), 4096, f32, backend=backend) == 4096
+  # the limits as explicit arguments: 11·s·4 B > 64 → blocks of 4·s·4 / (s·4) = 4 queries
+  assert rows((2, 11, 2, 4), 3, f32, scores_block_bytes=64, bytes_per_head_dim=4 * 3, min_rows=2) == 4
+  assert rows((2, 11, 2, 4), 3, f32, scores_block_bytes=11 * 3 * 4) == 11  # at the limit: no blocks
+  assert rows((2, 11, 2, 4), 3, f32, scores_block_bytes=64, bytes_per_head_dim=1, min_rows=5) == 5
+  # with backend=None the backend is jax's default (the tests run on the CPU)
+  assert default_block_rows((1, 4096, 4, 16), 4096, f32) == (32 if jax.default_backend() == "cpu" else 4096)
+
+
+def test_default_implementation_rule():
+  """Half precision off the CPU → jax.nn.dot_product_attention; float32 anywhere and anything on the CPU → the
+  heads-first einsums ("xla")."""
+  from linformer_jax.layers.softmax_kernel import IMPLEMENTATIONS, default_implementation
+  assert IMPLEMENTATIONS == ("xla", "dot_product_attention")
+  for backend in ("gpu", "tpu"):
+    assert default_implementation(jnp.float32, backend=backend) == "xla"
+    assert default_implementation(jnp.bfloat16, backend=backend) == "dot_product_attention"
+    assert default_implementation(jnp.float16, backend=backend) == "dot_product_attention"
+  assert default_implementation(jnp.bfloat16, backend="cpu") == "xla"
+  assert default_implementation(jnp.float32, backend="cpu") == "xla"
+
+
+def test_softmax_attention_defaults_are_the_default_functions():
+  """implementation=None / block_rows=None trace the same program as the default functions' choices passed
+  explicitly (here, on the CPU, one in query blocks)."""
+  from linformer_jax.layers.softmax_kernel import default_block_rows, default_implementation, softmax_attention
+  q = jax.ShapeDtypeStruct((1, 2048, 1, 16), jnp.float32)  # 16 MiB of scores per head: blocks on the CPU
+  kv = jax.ShapeDtypeStruct((1, 2048, 1, 16), jnp.float32)
+  explicit = dict(implementation=default_implementation(q.dtype), block_rows=default_block_rows(q.shape, 2048, q.dtype))
+  by_default = str(jax.make_jaxpr(lambda q, k, v: softmax_attention(q, k, v))(q, kv, kv))
+  assert by_default == str(jax.make_jaxpr(lambda q, k, v: softmax_attention(q, k, v, **explicit))(q, kv, kv))
+  if jax.default_backend() == "cpu":
+    assert explicit == dict(implementation="xla", block_rows=64) and "scan" in by_default
 
 
 @pytest.mark.parametrize("s,causal", [(3, False), (11, False), (11, True)])  # few keys (the Linformer core);
 @pytest.mark.parametrize("use_mask", [False, True])                        # as many as queries (full attention)
-def test_blocked_attention_matches_numpy(monkeypatch, use_mask, s, causal):
-  """With small limits the CPU core runs query blocks in a loop; values and gradients equal float64 numpy."""
-  import linformer_jax.layers.attention as attention
-  monkeypatch.setattr(attention, "CPU_SCORES_BLOCK_BYTES", 64)
-  monkeypatch.setattr(attention, "CPU_BLOCK_BYTES_PER_HEAD_DIM", 4 * s)
-  monkeypatch.setattr(attention, "CPU_MIN_BLOCK_ROWS", 2)
+def test_blocked_attention_matches_numpy(use_mask, s, causal):
+  """With block_rows=4 the "xla" core runs query blocks in a loop; values and gradients equal float64 numpy."""
+  from linformer_jax.layers.softmax_kernel import softmax_attention
   rng = np.random.default_rng(2)
   q = rng.normal(size=(2, 11, 2, 4)).astype(np.float32)
   k, v = (rng.normal(size=(2, s, 2, 4)).astype(np.float32) for _ in range(2))
   w = rng.normal(size=(2, 11, 2, 4)).astype(np.float32)
   mask = (np.arange(s)[None, :] % np.array([[2], [3]]) != 1) if use_mask else None
-  # 11·s·4 B > 64 → blocks of 4·s·4 / (s·4) = 4 queries: 3 blocks, the last one padded with one zero query
-  assert attention.query_block_rows(q.shape, s, jnp.float32) == 4
-  attend = lambda q, k, v: attention.softmax_attention(q, k, v, key_mask=mask, is_causal=causal)
+  # blocks of 4 queries: 3 blocks, the last one padded with one zero query
+  attend = lambda q, k, v: softmax_attention(q, k, v, key_mask=mask, is_causal=causal, block_rows=4)
   loss = lambda q, k, v: jnp.sum(w * attend(q, k, v))
   jaxpr = str(jax.make_jaxpr(loss)(q, k, v))
   assert "scan" in jaxpr and "remat" in jaxpr  # the blocked path ran, each block under jax.checkpoint
@@ -407,33 +442,119 @@ def test_blocked_attention_matches_numpy(monkeypatch, use_mask, s, causal):
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
+def test_block_rows_zero_and_at_least_t_never_block():
+  """block_rows=0 or >= t: no loop (on any backend, whatever the default rule would choose); 1 .. t-1: a loop."""
+  from linformer_jax.layers.softmax_kernel import softmax_attention
+  q = jax.ShapeDtypeStruct((1, 2048, 1, 16), jnp.float32)  # the CPU default would block these
+  jaxpr = lambda rows: str(jax.make_jaxpr(lambda q: softmax_attention(q, q, q, block_rows=rows))(q))
+  assert "scan" not in jaxpr(0) and "scan" not in jaxpr(2048) and "scan" not in jaxpr(4096)
+  assert "scan" in jaxpr(1024) and "scan" in jaxpr(1)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_off_the_cpu_routes_by_dtype(monkeypatch, causal):
-  """On a GPU/TPU (backend patched): float32 runs the einsum core without query blocks (values and gradients equal
-  float64 numpy, no jax.nn.dot_product_attention call even where the CPU would block); half precision goes to
-  jax.nn.dot_product_attention."""
-  import linformer_jax.layers.attention as attention
-  calls = []
+  """The GPU/TPU defaults (backend="gpu"): float32 runs the einsum core without query blocks (values and gradients
+  equal float64 numpy, no jax.nn.dot_product_attention call even where the CPU would block); half precision goes
+  to jax.nn.dot_product_attention."""
+  from linformer_jax.layers.softmax_kernel import default_block_rows, default_implementation, softmax_attention
+  calls = []  # jax.nn.dot_product_attention's calls (wrapped: jax's function, not a global of ours)
   real_dpa = jax.nn.dot_product_attention
   monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **kw: calls.append(a[0].dtype) or real_dpa(*a, **kw))
-  monkeypatch.setattr(attention, "CPU_SCORES_BLOCK_BYTES", 64)  # on the CPU these shapes would run in blocks
-  monkeypatch.setattr(attention, "CPU_BLOCK_BYTES_PER_HEAD_DIM", 4 * 9)  # of 4 queries
-  monkeypatch.setattr(attention, "CPU_MIN_BLOCK_ROWS", 2)
   rng = np.random.default_rng(3)
   q, k, v, w = (rng.normal(size=(2, 9, 2, 4)).astype(np.float32) for _ in range(4))
   mask = np.arange(9)[None, :] % np.array([[2], [4]]) != 1
-  attend = lambda q, k, v: attention.softmax_attention(q, k, v, key_mask=mask, is_causal=causal)
-  loss = lambda q, k, v: jnp.sum(w * attend(q, k, v))
-  jaxpr = lambda: str(jax.make_jaxpr(lambda *a: loss(*a))(q, k, v))  # a fresh function: traced anew
-  assert "scan" in jaxpr()  # the CPU path: blocks
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert attention.query_block_rows(q.shape, 9, jnp.float32) == 9
-  assert "scan" not in jaxpr()
+  limits = dict(scores_block_bytes=64, bytes_per_head_dim=4 * 9, min_rows=2)  # the CPU: blocks of 4 queries
+  assert default_block_rows(q.shape, 9, jnp.float32, backend="cpu", **limits) == 4
+  kernel = dict(implementation=default_implementation(jnp.float32, backend="gpu"),
+                block_rows=default_block_rows(q.shape, 9, jnp.float32, backend="gpu", **limits))
+  assert kernel == dict(implementation="xla", block_rows=9)  # off the CPU: no blocks whatever the limits
+  attend = lambda q, k, v, **kw: softmax_attention(q, k, v, key_mask=mask, is_causal=causal, **kw)
+  loss = lambda q, k, v, **kw: jnp.sum(w * attend(q, k, v, **kw))
+  jaxpr = lambda **kw: str(jax.make_jaxpr(lambda *a: loss(*a, **kw))(q, k, v))
+  assert "scan" in jaxpr(block_rows=4)  # the CPU's choice: blocks
+  assert "scan" not in jaxpr(**kernel)
   out, want = np_attention_and_grads(q, k, v, w, mask, causal)
-  np.testing.assert_allclose(attend(q, k, v), out, atol=1e-5)
-  for got, ref in zip(jax.grad(loss, argnums=(0, 1, 2))(q, k, v), want):
+  np.testing.assert_allclose(attend(q, k, v, **kernel), out, atol=1e-5)
+  for got, ref in zip(jax.grad(functools.partial(loss, **kernel), argnums=(0, 1, 2))(q, k, v), want):
     np.testing.assert_allclose(got, ref, atol=1e-5)
   assert calls == []
-  half = attend(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
-  assert calls == [jnp.bfloat16] and half.dtype == jnp.bfloat16
+  half_impl = default_implementation(jnp.bfloat16, backend="gpu")
+  assert half_impl == "dot_product_attention"
+  half = attend(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)), implementation=half_impl, block_rows=4)
+  assert calls == [jnp.bfloat16] and half.dtype == jnp.bfloat16  # block_rows does not apply to it
   np.testing.assert_allclose(np.asarray(half, np.float32), out, atol=5e-2)
+  # float32 through dot_product_attention, chosen explicitly: the same values
+  np.testing.assert_allclose(attend(q, k, v, implementation="dot_product_attention"), out, atol=1e-5)
+  assert calls == [jnp.bfloat16, jnp.float32]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(implementation="flash"), "implementation='flash' is not supported; allowed values: 'xla', "
+                                   "'dot_product_attention', None"),
+    (dict(implementation="XLA"), "implementation='XLA' is not supported"),
+    (dict(block_rows=-1), "block_rows=-1 is out of range; it must be >= 0"),
+])
+def test_softmax_attention_rejects_bad_kernel_args(kwargs, message):
+  from linformer_jax.layers.softmax_kernel import softmax_attention
+  q = jnp.zeros((1, 4, 2, 3))
+  with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    softmax_attention(q, q, q, **kwargs)
+  with pytest.raises(TypeError, match="block_rows must be an int"):
+    softmax_attention(q, q, q, block_rows=2.0)
+
+
+@pytest.mark.parametrize("build", [
+    lambda **kw: FullSelfAttention(2, **kw),
+    lambda **kw: LinformerSelfAttention(2, max_len=8, k=4, **kw),
+    lambda **kw: Linformer(max_len=8, dim=8, depth=1, num_heads=2, k=4, **kw),
+    lambda **kw: VisionTransformer(**kw),
+])
+def test_modules_reject_bad_kernel_fields(build):
+  """attention_impl / attention_block_rows are checked when the module is built, naming the field."""
+  with pytest.raises(ValueError, match="attention_impl='flash' is not supported; allowed values: 'xla'"):
+    build(attention_impl="flash")
+  with pytest.raises(ValueError, match="attention_block_rows=-3 is out of range"):
+    build(attention_block_rows=-3)
+  build(attention_impl="dot_product_attention", attention_block_rows=0)  # valid values build
+
+
+def _scans(fn, *args):
+  return str(jax.make_jaxpr(fn)(*args)).count("scan[")
+
+
+@pytest.mark.parametrize("attention", ["linformer", "full"])
+def test_linformer_model_block_rows_field(attention):
+  """A whole model built with attention_block_rows=0 and with 4: the same parameter tree and outputs, and only the
+  second runs query blocks (two nested loops per attention layer, each block under jax.checkpoint)."""
+  geometry = dict(max_len=12, dim=8, depth=2, num_heads=2, k=6, attention=attention, causal=attention == "full")
+  x = rand(80, (2, 12, 8))
+  mask = np.arange(12)[None, :] < np.array([[12], [9]])
+  unblocked, blocked = (Linformer(**geometry, attention_block_rows=r) for r in (0, 4))
+  variables = unblocked.init(jax.random.PRNGKey(0), x)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, blocked.init(jax.random.PRNGKey(0), x))
+  out = lambda model: lambda v, x: model.apply(v, x, mask)
+  assert _scans(out(unblocked), variables, x) == 0
+  assert _scans(out(blocked), variables, x) == 2 * 2  # depth 2
+  assert "remat" in str(jax.make_jaxpr(out(blocked))(variables, x))
+  np.testing.assert_allclose(out(blocked)(variables, x), out(unblocked)(variables, x), atol=1e-6)
+  # and the default: the backend's rule (no blocks at these sizes)
+  np.testing.assert_array_equal(out(Linformer(**geometry))(variables, x), out(unblocked)(variables, x))
+
+
+def test_encdec_and_vit_pass_block_rows_to_every_attention():
+  """LinformerEncDec: encoder, decoder self- and cross-attention all get attention_block_rows; so do ViT's blocks."""
+  encdec = dict(max_len=12, dim=8, depth=1, num_heads=2, k=6, vocab_size=11)
+  src, tgt = jnp.arange(24).reshape(2, 12) % 11, jnp.arange(20).reshape(2, 10) % 11
+  models = [LinformerEncDec(**encdec, attention_block_rows=r) for r in (0, 4)]
+  variables = models[0].init(jax.random.PRNGKey(0), src, tgt)
+  outs = [lambda v, s, t, m=m: m.apply(v, s, t) for m in models]
+  assert _scans(outs[0], variables, src, tgt) == 0
+  assert _scans(outs[1], variables, src, tgt) == 2 * 3  # encoder, decoder self-attention, cross-attention
+  np.testing.assert_allclose(outs[1](variables, src, tgt), outs[0](variables, src, tgt), atol=1e-5)
+  vit = dict(img_size=16, patch_size=4, embed_dim=8, depth=2, num_heads=2, num_classes=3)  # 17 tokens
+  images = rand(81, (1, 16, 16, 3))
+  models = [VisionTransformer(**vit, attention_block_rows=r) for r in (0, 5)]
+  variables = models[0].init(jax.random.PRNGKey(0), images)
+  outs = [lambda v, x, m=m: m.apply(v, x) for m in models]
+  assert _scans(outs[0], variables, images) == 0 and _scans(outs[1], variables, images) == 2 * 2
+  np.testing.assert_allclose(outs[1](variables, images), outs[0](variables, images), atol=1e-5)
