@@ -12,27 +12,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from linformer_jax._validate import check_choice, check_int, check_rate
 from linformer_jax.layers.attention import FullSelfAttention
 from linformer_jax.layers.drop_path import DropPath
 from linformer_jax.layers.mlp import FeedForward
 from linformer_jax.layers.softmax_kernel import check_kernel_args
-from linformer_jax.models.image_classifier import TokenClassifier, check_images
+from linformer_jax.models.image_classifier import BlockFields, TokenClassifier, check_images
 
 LN_EPS = 1e-6
 dense_init = nn.initializers.truncated_normal(0.02)
 
 
-class ViTBlock(nn.Module):
+class ViTBlock(BlockFields):
   """Pre-LN block: x ← x + DropPath(Attn(LN(x))); x ← x + DropPath(MLP(LN(x))).
 
   ``attention_impl`` / ``attention_block_rows``: the attention kernel's choices (``FullSelfAttention`` fields).
   """
-  num_heads: int
-  mlp_ratio: float = 4.0
-  qkv_bias: bool = True
-  drop_rate: float = 0.0
-  attn_drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   attention_impl: Optional[str] = None
   attention_block_rows: Optional[int] = None
@@ -61,36 +55,15 @@ class VisionTransformer(TokenClassifier):
   default, 0 = never block), see ``linformer_jax.layers.softmax_kernel``.
   Call: ``module.apply(variables, images, train=False)``; images (batch, H, W, in_chans) → (batch, num_classes).
   """
-  img_size: int = 224
-  patch_size: int = 16
-  in_chans: int = 3
-  num_classes: int = 1000
-  embed_dim: int = 768
-  depth: int = 12
-  num_heads: int = 12
-  mlp_ratio: float = 4.0
-  qkv_bias: bool = True
-  drop_rate: float = 0.0
-  attn_drop_rate: float = 0.0
-  drop_path_rate: float = 0.0
-  global_pool: str = "token"
   attention_impl: Optional[str] = None
   attention_block_rows: Optional[int] = None
 
   def __post_init__(self):
-    for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
-      check_int(name, getattr(self, name), minimum=1)
-    check_int("num_classes", self.num_classes, minimum=0)
-    if self.img_size % self.patch_size:
-      raise ValueError(f"img_size={self.img_size} is not divisible by patch_size={self.patch_size}.")
-    if self.embed_dim % self.num_heads:
-      raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}.")
-    check_choice("global_pool", self.global_pool, ("token", "avg"))
     check_kernel_args(self.attention_impl, self.attention_block_rows,
                       names=("attention_impl", "attention_block_rows"))
-    for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
-      check_rate(name, getattr(self, name))
     super().__post_init__()
+    if self.img_size % self.patch_size:
+      raise ValueError(f"img_size={self.img_size} is not divisible by patch_size={self.patch_size}.")
 
   def setup(self):
     p, g = self.patch_size, self.img_size // self.patch_size

@@ -14,20 +14,20 @@ BatchNorm statistics are in the ``"batch_stats"`` collection.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linformer_jax._validate import check_choice, check_int, check_rate
+from linformer_jax._validate import check_choice, check_int
 from linformer_jax.layers.attention import FullSelfAttention
 from linformer_jax.layers.conv import DepthwiseConv2D
 from linformer_jax.layers.dense import flat_dot_general
 from linformer_jax.layers.drop_path import DropPath
 from linformer_jax.layers.mlp import FeedForward, exact_gelu
-from linformer_jax.models.image_classifier import TokenClassifier, check_images
+from linformer_jax.models.image_classifier import BlockFields, TokenClassifier, check_images
 from linformer_jax.remat import RematPlan, map_heads
 
 LN_EPS = 1e-6  # LayerNorm epsilon everywhere in XCiT
@@ -184,17 +184,12 @@ class FourierPositionalEncoding(nn.Module):
     return nn.Dense(self.dim, dot_general=flat_dot_general, name="token_projection")(feats)
 
 
-class XCABlock(nn.Module):
+class XCABlock(BlockFields):
   """x ← x + γ1·XCA(LN(x));  x ← x + γ3·LPI(LN(x));  x ← x + γ2·MLP(LN(x))  (each branch with drop path).
 
   ``attention="self"`` swaps XCA for ordinary softmax self-attention; ``use_lpi=False`` drops the LPI branch
   (ablations). Call ``(x, grid, train=False)``; x (batch, N, C).
   """
-  num_heads: int
-  mlp_ratio: float = 4.0
-  qkv_bias: bool = True
-  drop_rate: float = 0.0
-  attn_drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   eta: float = 1.0
   use_lpi: bool = True
@@ -248,7 +243,7 @@ class _ScannedXCABlock(XCABlock):
     return super().__call__(x, grid, train), None
 
 
-class ClassAttentionBlock(nn.Module):
+class ClassAttentionBlock(BlockFields):
   """CaiT-style class attention: the CLS query attends over all tokens (CLS + patches).
 
   As in the official code and timm:
@@ -258,11 +253,6 @@ class ClassAttentionBlock(nn.Module):
   Call ``(x, train=False)``; x (batch, 1 + N, C). The CLS→token maps (batch, heads, 1, 1 + N) are sown as
   ``attn/attention_weights`` when "intermediates" is mutable.
   """
-  num_heads: int
-  mlp_ratio: float = 4.0
-  qkv_bias: bool = True
-  drop_rate: float = 0.0
-  attn_drop_rate: float = 0.0
   eta: float = 1.0
   tokens_norm: bool = False
   remat: str = "C0"
@@ -315,22 +305,9 @@ class XCiT(TokenClassifier):
   divisible by patch_size. ``train=True`` needs ``mutable=["batch_stats"]`` and a "dropout" rng when
   dropout/drop-path rates are non-zero. Returns logits (batch, num_classes).
   """
-  img_size: int = 224
-  patch_size: int = 16
-  in_chans: int = 3
-  num_classes: int = 1000
-  embed_dim: int = 768
-  depth: int = 12
-  num_heads: int = 12
-  mlp_ratio: float = 4.0
-  qkv_bias: bool = True
-  drop_rate: float = 0.0
-  attn_drop_rate: float = 0.0
-  drop_path_rate: float = 0.0
   cls_attn_layers: int = 2
   eta: float = 1.0
   tokens_norm: bool = False
-  global_pool: str = "token"
   bn_axis_name: Optional[str] = None
   use_pos_embed: bool = True
   use_lpi: bool = True
@@ -344,20 +321,12 @@ class XCiT(TokenClassifier):
   def __post_init__(self):
     check_choice("patch_size", self.patch_size, (16, 8))
     RematPlan(self.remat, self.remat_policy)  # validates level and policy
-    for name in ("in_chans", "embed_dim", "depth", "num_heads", "img_size"):
-      check_int(name, getattr(self, name), minimum=1)
-    check_int("num_classes", self.num_classes, minimum=0)
     check_int("cls_attn_layers", self.cls_attn_layers, minimum=0)
-    if self.embed_dim % self.num_heads:
-      raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}.")
+    super().__post_init__()
     if self.embed_dim % (2 ** ({16: 4, 8: 3}[self.patch_size] - 1)):
       raise ValueError(f"embed_dim={self.embed_dim} must be divisible by {2 ** ({16: 4, 8: 3}[self.patch_size] - 1)}"
                        f" for the patch-{self.patch_size} conv stem.")
-    check_choice("global_pool", self.global_pool, ("token", "avg"))
     check_choice("attention", self.attention, ("xca", "self"))
-    for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
-      check_rate(name, getattr(self, name))
-    super().__post_init__()
 
   def setup(self):
     self.patch_embed = ConvPatchEmbed(self.patch_size, self.embed_dim, self.bn_axis_name)
