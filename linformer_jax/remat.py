@@ -77,7 +77,7 @@ class RematPlan:
     policy: what rematerialised regions keep (``REMAT_POLICIES``).
   Properties: ``layer_region`` (C2: each layer is one region), ``sublayer_regions`` (C1: each sub-layer is one
   region), ``per_head`` (C2: the attention core one head at a time), ``chunked_ff`` (C2: the feed-forward in
-  sequence chunks), ``head_policy`` (the policy name when ``per_head``, else None).
+  sequence chunks).
   """
   level: str = "C0"
   policy: str = "nothing_saveable"
@@ -100,10 +100,6 @@ class RematPlan:
   @property
   def chunked_ff(self) -> bool:
     return self.level == "C2"
-
-  @property
-  def head_policy(self) -> Optional[str]:
-    return self.policy if self.per_head else None
 
   def _region(self, on: bool, target, static_argnums: tuple[int, ...], scanned: bool):
     if not on:

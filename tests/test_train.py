@@ -130,3 +130,24 @@ def test_init_from_converted_checkpoint(tmp_path):
       assert flat_got[path].shape[-1] == 10 and value.shape[-1] == 7  # fresh 10-class head
     else:
       np.testing.assert_allclose(np.asarray(flat_got[path]), np.asarray(value), rtol=1e-6, atol=1e-20)
+
+
+def test_init_from_a_previous_run(tmp_path):
+  """init_from also takes a run's checkpoints/ directory (its latest step) or one step of it: the train state's
+  params and other collections are the variables; every one of them is taken (same model)."""
+  config = _config("mlm_linformer", total_steps=2, checkpoint_every=2, log_every=2, eval_every=2)
+  train_and_evaluate(config, tmp_path / "first")
+  _, first = _final_params(tmp_path / "first")
+  by_step = ckpt_lib.restore_variables(tmp_path / "first" / "checkpoints" / "2")
+  assert jax.tree.structure(by_step["params"]) == jax.tree.structure(first)
+  for a, b in zip(jax.tree.leaves(by_step["params"]), jax.tree.leaves(first)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  config = _config("mlm_linformer", total_steps=2, checkpoint_every=2, log_every=2, eval_every=2, seed=1)
+  config.init_from = str(tmp_path / "first" / "checkpoints")
+  config.optimizer.schedule = "constant"
+  config.optimizer.learning_rate = 1e-30  # parameters stay (to 1e-20) where init_from put them
+  config.optimizer.weight_decay = 0.0
+  train_and_evaluate(config, tmp_path / "second")
+  _, second = _final_params(tmp_path / "second")
+  for a, b in zip(jax.tree.leaves(second), jax.tree.leaves(first)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-20)
