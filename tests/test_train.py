@@ -106,6 +106,15 @@ def test_cli_rejects_misspelled_field(tmp_path):
                                  'Did you mean "model" instead of "modle"?')  # one line, no traceback
 
 
+def test_cli_names_the_new_name_of_a_renamed_field(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "experiments.train", "--config",
+                         "configs/listops_linformer.py:runlocal", "--workdir", str(tmp_path),
+                         "--config.data.max_length=50"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().startswith("error: ValueError: data.max_length was renamed to data.max_tree_length")
+  assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_init_from_converted_checkpoint(tmp_path):
   """init_from loads every matching variable of a converter checkpoint; a head of another size is fresh."""
   from linformer_jax.convert.xcit import save_xcit_checkpoint
