@@ -26,7 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from linformer_jax._validate import check_choice, check_int, check_length, check_mask, check_rate
 from linformer_jax.layers.dense import flat_dot_general
-from linformer_jax.layers.projections import PROJECTIONS, SeqProjection
+from linformer_jax.layers.projections import PROJECTIONS, SeqProjection, check_projected_length
 # The kernel lives in softmax_kernel; its public names stay importable from here.
 from linformer_jax.layers.softmax_kernel import (IMPLEMENTATIONS, attention_weights, check_kernel_args,
                                                  default_block_rows, default_implementation, softmax_attention,
@@ -186,8 +186,7 @@ class LinformerSelfAttention(_MultiHead):
     self._check_common()
     check_choice("sharing", self.sharing, SHARING)
     check_choice("projection", self.projection, PROJECTIONS)
-    check_int("max_len", self.max_len, minimum=1)
-    check_int("k", self.k, minimum=1, maximum=self.max_len)
+    check_projected_length(self.k, self.max_len)
     if self.sharing == "layerwise" and self.shared_projection is None:
       raise ValueError("sharing='layerwise' needs shared_projection (the network-wide E=F); the Linformer "
                        "encoder passes it. Standalone layers use sharing 'none', 'headwise' or 'kv'.")

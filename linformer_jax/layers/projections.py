@@ -43,6 +43,16 @@ def fixed_projection_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array
   return jax.random.normal(key, shape, dtype) / math.sqrt(shape[-1])
 
 
+def check_projected_length(k: int, max_len: int) -> None:
+  """The one check of k against max_len: ints with 1 <= k <= max_len (the projection maps n <= max_len positions
+  to k). Raises TypeError / ValueError naming both."""
+  check_int("max_len", max_len, minimum=1)
+  check_int("k", k, minimum=1)
+  if k > max_len:
+    raise ValueError(f"k={k} exceeds max_len={max_len}; the projection maps n <= max_len positions to k, so k must "
+                     "be in [1, max_len].")
+
+
 class SeqProjection(nn.Module):
   """Projects (batch, n, heads, head_dim) to (batch, k, heads, head_dim) along the sequence axis.
 
@@ -63,8 +73,7 @@ class SeqProjection(nn.Module):
 
   def __post_init__(self):
     check_choice("projection", self.method, PROJECTIONS)
-    check_int("max_len", self.max_len, minimum=1)
-    check_int("k", self.k, minimum=1, maximum=self.max_len)
+    check_projected_length(self.k, self.max_len)
     check_int("num_heads", self.num_heads, minimum=1, allow_none=True)
     super().__post_init__()
 

@@ -1,7 +1,7 @@
 """Models. ``LinformerSelfAttention`` is re-exported here as part of the model API."""
 from linformer_jax.layers.attention import FullSelfAttention, LinformerSelfAttention
 from linformer_jax.models.linformer import (ATTENTIONS, CAUSAL_ERROR, NORMS, Linformer,
-                                            LinformerClassifier, LinformerEncDec, LinformerFields,
+                                            LinformerClassifier, LinformerConfig, LinformerEncDec, LinformerFields,
                                             LinformerLM, count_projection_matrices, shift_right)
 from linformer_jax.models.registry import create_model, get_classifier, list_models, reset_classifier
 from linformer_jax.models.vit import VisionTransformer
@@ -9,7 +9,7 @@ from linformer_jax.models.xcit import (LPI, XCA, ClassAttentionBlock, ConvPatchE
                                        FourierPositionalEncoding, XCABlock, XCiT)
 
 __all__ = ["FullSelfAttention", "LinformerSelfAttention", "ATTENTIONS", "CAUSAL_ERROR", "NORMS", "Linformer",
-           "LinformerClassifier", "LinformerEncDec", "LinformerFields", "LinformerLM",
+           "LinformerClassifier", "LinformerConfig", "LinformerEncDec", "LinformerFields", "LinformerLM",
            "count_projection_matrices", "shift_right", "create_model", "get_classifier", "list_models",
            "reset_classifier", "VisionTransformer", "LPI", "XCA", "ClassAttentionBlock", "ConvPatchEmbed",
            "FourierPositionalEncoding", "XCABlock", "XCiT"]

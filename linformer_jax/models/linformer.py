@@ -27,7 +27,7 @@ from linformer_jax.layers.attention import SHARING, FullSelfAttention, Linformer
 from linformer_jax.layers.dense import flat_dot_general
 from linformer_jax.layers.embeddings import POS_EMBS, TokenEmbedder
 from linformer_jax.layers.mlp import ACTIVATIONS, FeedForward
-from linformer_jax.layers.projections import CONSTANTS, PROJECTIONS, SeqProjection
+from linformer_jax.layers.projections import CONSTANTS, PROJECTIONS, SeqProjection, check_projected_length
 from linformer_jax.layers.softmax_kernel import check_kernel_args
 from linformer_jax.remat import RematPlan
 
@@ -241,10 +241,10 @@ class LinformerFields(_Derived, nn.Module):
     check_rate("attention_dropout", self.attention_dropout)
     check_kernel_args(self.attention_impl, self.attention_block_rows,
                       names=("attention_impl", "attention_block_rows"))
-    check_int("k", self.k, minimum=1)
-    if self.attention == "linformer" and self.k > self.max_len:
-      raise ValueError(f"k={self.k} exceeds max_len={self.max_len}; the projection maps n <= max_len "
-                       f"positions to k, so k must be in [1, max_len].")
+    if self.attention == "linformer":
+      check_projected_length(self.k, self.max_len)
+    else:
+      check_int("k", self.k, minimum=1)
     if self.head_dim is None and self.dim % self.num_heads:
       raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}; set head_dim "
                        "explicitly or choose num_heads dividing dim.")
