@@ -123,8 +123,8 @@ def _start(run: RunConfig, config: ml_collections.ConfigDict, workdir: pathlib.P
   dp.compile(make_train_step(dp.step_model(model), optimizer.tx, kind, run.dtype, axis_name=dp.axis_name,
                              skip_nonfinite=run.skip_nonfinite_steps),
              make_eval_step(model, kind, run.dtype, axis_name=dp.axis_name), state)
-  return _Run(run, workdir, dataset, kind, dp, checkpointer, config_json, state, dp.make_rng(lambda: jax.random.split(jax.random.key(run.seed))[1]), start,
-              skipped_before)
+  train_rng = dp.make_rng(lambda: jax.random.split(jax.random.key(run.seed))[1])
+  return _Run(run, workdir, dataset, kind, dp, checkpointer, config_json, state, train_rng, start, skipped_before)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:

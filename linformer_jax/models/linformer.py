@@ -277,8 +277,8 @@ LinformerConfig = dataclasses.make_dataclass(
      for f in dataclasses.fields(LinformerFields) if f.name not in ("parent", "name")],
     bases=(_Derived,), frozen=True)
 LinformerConfig.__module__ = __name__
-LinformerConfig.__doc__ = """Frozen copy of a model's ``LinformerFields`` (same names, types and defaults; the fields are
-defined and validated once, on ``LinformerFields``), passed whole to every layer as in the flax wmt example's
+LinformerConfig.__doc__ = """Frozen copy of a model's ``LinformerFields`` (same names, types and defaults; the fields
+are defined and validated once, on ``LinformerFields``), passed whole to every layer as in the flax wmt example's
 ``TransformerConfig``. Build it with ``model.config()``."""
 
 
