@@ -2,12 +2,15 @@
 
     python -m experiments.bench_compile --out DIR [--quick]
 
-One Adafactor gradient step (as ``bench_remat``: mean squared output as the loss) of ``Linformer(max_len=512,
-dim=128, num_heads=4, k=64, sharing="none")``, lowered from ``ShapeDtypeStruct``s (nothing executed):
-``lower_s`` = tracing + lowering to StableHLO, ``compile_s`` = XLA compilation, both the median of
-``--repeats`` (default 3: an unrolled depth-24 compile takes minutes on 2 loaded cores) fresh ``jax.jit``s (a new
-model object each time, so nothing is reused; the persistent compilation cache is not used). Depths 2, 4, 8, 12,
-24 scanned, 4, 8, 24 unrolled (``--quick``: 4 and 24 scanned, 4 and 8 unrolled).
+The trainer's own step, ``linformer_jax.steps.make_train_step`` (data kind "mlm", ``jax.jit`` with the state donated,
+as ``linformer_jax.train`` compiles it), with the trainer's optimizer (``linformer_jax.optim.make_optimizer``, default
+config: Adafactor), of the byte-level masked LM ``linformer_lm`` (``LinformerLM``: embeddings,
+``Linformer(dim=128, num_heads=4, k=64, sharing="none")``, LM head) at n = 512, batch 2; the ``TrainState`` is
+``steps.abstract_train_state`` (shapes only, nothing executed): ``lower_s`` = that + tracing + lowering to StableHLO,
+``compile_s`` = XLA compilation, both the median of ``--repeats`` (default 3: an unrolled depth-24 compile takes
+minutes on 2 loaded cores) fresh ``jax.jit``s (a new model object each time, so nothing is reused; the persistent
+compilation cache is not used). Depths 2, 4, 8, 12, 24 scanned, 4, 8, 24 unrolled (``--quick``: 4 and 24 scanned, 4
+and 8 unrolled).
 Rows: depth, scan_layers, lower_s, compile_s, total_s, total_vs_depth4. Writes DIR/compile.{json,md,png}.
 """
 from __future__ import annotations
@@ -16,12 +19,11 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
-import optax
 
 from experiments.bench_common import bench_parser, finish, sweep_mode, write_plot
-from experiments.bench_remat import _train_step
-from linformer_jax.models import Linformer
+from experiments.bench_roofline import TRAIN_STEP, mlm_batch, mlm_model
+from linformer_jax import steps
+from linformer_jax.optim import default_optimizer_config, make_optimizer
 
 COLUMNS = ["depth", "scan_layers", "lower_s", "compile_s", "total_s", "total_vs_depth4"]
 SWEEPS = {  # (scanned depths, unrolled depths, model size)
@@ -32,12 +34,13 @@ SWEEPS = {  # (scanned depths, unrolled depths, model size)
 
 
 def measure(depth: int, scan: bool, size: dict, tx) -> tuple[float, float]:
-  model = Linformer(depth=depth, scan_layers=scan, **size)
-  x = jax.ShapeDtypeStruct((2, size["max_len"], size["dim"]), jnp.float32)
+  fields = {k: v for k, v in size.items() if k != "max_len"}
+  model = mlm_model(size["max_len"], depth=depth, scan_layers=scan, sharing="none", **fields)
+  batch = mlm_batch(2, size["max_len"])
   t0 = time.perf_counter()
-  params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-  opt_state = jax.eval_shape(tx.init, params)
-  lowered = jax.jit(_train_step(model.apply, tx)).lower(params, opt_state, {}, x)
+  state = steps.abstract_train_state(model, tx, batch, "mlm")
+  lowered = jax.jit(steps.make_train_step(model, tx, "mlm"), donate_argnums=0).lower(state, batch,
+                                                                                     jax.random.key(0))
   t1 = time.perf_counter()
   lowered.compile()
   return t1 - t0, time.perf_counter() - t1
@@ -45,13 +48,14 @@ def measure(depth: int, scan: bool, size: dict, tx) -> tuple[float, float]:
 
 def run(mode: str, repeats: int):
   scanned, unrolled, size = SWEEPS[mode]
-  tx = optax.sgd(1e-3) if mode == "tiny" else optax.adafactor(1e-3)  # test mode: the cheapest optimizer
+  tx = make_optimizer(default_optimizer_config(), 1000).tx
   rows = []
   for scan, depths in ((True, scanned), (False, unrolled)):
     for depth in depths:
       lower, comp = zip(*(measure(depth, scan, size, tx) for _ in range(repeats)))
       rows.append(dict(depth=depth, scan_layers=scan, lower_s=round(statistics.median(lower), 3),
-                       compile_s=round(statistics.median(comp), 3), repeats=repeats, **size))
+                       compile_s=round(statistics.median(comp), 3), repeats=repeats, **size, batch=2,
+                       model="linformer_lm", step=TRAIN_STEP))
       r = rows[-1]
       r["total_s"] = round(r["lower_s"] + r["compile_s"], 3)
       print(f"depth {depth:>2} scan {str(scan):<5} lower {r['lower_s']:7.2f} s  compile {r['compile_s']:7.2f} s",

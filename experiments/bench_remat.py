@@ -11,6 +11,11 @@ Rows: model, sharing, depth, heads, level, policy, temp_bytes (XLA temp, compile
 counted: on CPU from a compilation without YNNPACK fusions, ``bench_common.counted_memory``),
 argument_bytes, compile_s, step_time_s (median of ≥5 runs after warm-up). Writes DIR/remat.{json,md,png};
 the markdown starts with the issue's targets checked against the rows.
+
+The step is a stand-in for the levels' comparison, not the trainer's step: ``optax.adafactor`` on the mean squared
+output of the encoder stack (inputs of shape (batch, n, dim), no embedding or LM head), so the memory and the time
+*ratios* are those of the remat levels alone. The trainer's own step (``linformer_jax.steps.make_train_step``) is
+what ``bench_roofline`` and ``bench_compile`` time.
 """
 from __future__ import annotations
 
@@ -28,8 +33,9 @@ COLUMNS = ["model", "sharing", "depth", "heads", "level", "policy", "temp_bytes"
            "time_vs_C0", "compile_s"]
 
 
-def _train_step(apply_fn, tx):
-  """One optimizer step on mean squared output (a stand-in loss with the same backward pass)."""
+def _stand_in_step(apply_fn, tx):
+  """One optimizer step on the mean squared output (a stand-in loss with the encoder's backward pass); this
+  benchmark's own, not the trainer's step (module docstring)."""
   def step(params, opt_state, extra, x):
     loss, grads = jax.value_and_grad(lambda p: jnp.mean(apply_fn({"params": p, **extra}, x) ** 2))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -43,7 +49,7 @@ def measure(model, x, repeats: int) -> dict:
   extra = {k: v for k, v in variables.items() if k != "params"}
   tx = optax.adafactor(1e-3)
   opt_state = tx.init(params)
-  step = _train_step(model.apply, tx)
+  step = _stand_in_step(model.apply, tx)
   compiled, compile_s, memory = compile_fn(step, params, opt_state, extra, x, count_all_buffers=True)
   return dict(memory, compile_s=round(compile_s, 3),
               step_time_s=median_time(compiled, params, opt_state, extra, x, repeats=repeats))
