@@ -11,6 +11,10 @@ Two ways to run the same pure ``train_step``:
   loss, gradients and metrics with ``lax.psum``/``lax.pmean`` (``make_train_step(..., axis_name="batch")``).
 
 Mesh axes use ``AxisType.Auto`` (``jax.make_mesh`` defaults to Explicit axes in jax >= 0.7).
+
+The trainer builds one ``DataParallel`` per run (``create_data_parallel(config.parallel, config.mesh)``:
+``JitDataParallel`` or ``PmapDataParallel``), which owns the placement of the state and the batches, the compiled
+train and eval steps and the copy of the state a checkpoint holds, so the loop itself has no per-mode branches.
 """
 from __future__ import annotations
 
