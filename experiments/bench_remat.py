@@ -1,21 +1,24 @@
-"""Memory/time of checkpoint levels C0/C1/C2 and named remat policies for a training step.
+"""Memory/time of checkpoint levels C0/C1/C2 and named remat policies for the trainer's train step.
 
     python -m experiments.bench_remat --out DIR [--quick]
 
-Sweeps depth × heads × level (policy "nothing_saveable") for a Linformer gradient step (scanned layers,
-n=1024, dim=128, k=128, batch 2, E/F sharing --sharing, default "headwise"; --quick: n=512, dim=128, k=64,
-batch 2, fewer points), every named policy at depth 12 / 8 heads (C1; --quick: two policies), the three
-levels at depth 12 with sharing "none" for comparison (per-head E/F: their gradients, 2·h·n·k floats per
-layer, are memory no remat can drop), and XCiT-T12 (224², batch 2; --quick: XCiT-N12 at 32², batch 2).
-Rows: model, sharing, depth, heads, level, policy, temp_bytes (XLA temp, compile time, deterministic; every buffer
-counted: on CPU from a compilation without YNNPACK fusions, ``bench_common.counted_memory``),
-argument_bytes, compile_s, step_time_s (median of ≥5 runs after warm-up). Writes DIR/remat.{json,md,png};
-the markdown starts with the issue's targets checked against the rows.
+Step: the trainer's own ``linformer_jax.steps.make_train_step`` (jitted with the state donated, as
+``linformer_jax.train`` runs it; ``bench_roofline.DonatingStep``) on a ``TrainState`` from ``steps.init_state``, with
+the trainer's optimizer (``linformer_jax.optim.make_optimizer``, default config: Adafactor). Linformer rows: the
+byte-level masked LM ``linformer_lm`` (``bench_roofline.mlm_model``: token + position embedding, the encoder, LM
+head over the 258-symbol byte vocabulary; data kind "mlm", cross-entropy on 15 % of the positions,
+``bench_roofline.mlm_batch``). XCiT rows: data kind "image" (a batch of "image" and "label"; the step updates the
+BatchNorm statistics).
 
-The step is a stand-in for the levels' comparison, not the trainer's step: ``optax.adafactor`` on the mean squared
-output of the encoder stack (inputs of shape (batch, n, dim), no embedding or LM head), so the memory and the time
-*ratios* are those of the remat levels alone. The trainer's own step (``linformer_jax.steps.make_train_step``) is
-what ``bench_roofline`` and ``bench_compile`` time.
+Sweeps depth × heads × level (policy "nothing_saveable") for the masked LM (scanned encoder layers, n=1024, dim=128,
+k=128, batch 2, E/F sharing --sharing, default "headwise"; --quick: n=512, dim=128, k=64, batch 2, fewer points),
+every named policy at depth 12 / 8 heads (C1; --quick: two policies), the three levels at depth 12 with sharing
+"none" for comparison (per-head E/F: their gradients, 2·h·n·k floats per layer, are memory no remat can drop), and
+XCiT-T12 (224², batch 2; --quick: XCiT-N12 at 32², batch 2).
+Rows: model, sharing, depth, heads, level, policy, temp_bytes (XLA temp, compile time, deterministic; every buffer
+counted: on CPU from a compilation without YNNPACK fusions, ``bench_common.counted_memory``), argument_bytes,
+compile_s, step_time_s (median of ≥5 runs after warm-up), step (the step function and its data kind). Writes
+DIR/remat.{json,md,png}; the markdown starts with the issue's targets checked against the rows.
 """
 from __future__ import annotations
 
@@ -23,46 +26,60 @@ import itertools
 
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
 
-from experiments.bench_common import bench_parser, compile_fn, finish, median_time, write_plot
-from linformer_jax.models import Linformer, create_model
+from experiments.bench_common import (bench_parser, compile_fn, finish, interleaved_median_times, sweep_mode,
+                                      write_plot)
+from experiments.bench_roofline import DonatingStep, mlm_batch, mlm_model
+from linformer_jax import steps
+from linformer_jax.models import create_model
+from linformer_jax.optim import default_optimizer_config, make_optimizer
 from linformer_jax.remat import REMAT_LEVELS, REMAT_POLICIES
 
 COLUMNS = ["model", "sharing", "depth", "heads", "level", "policy", "temp_bytes", "temp_vs_C0", "step_time_s",
            "time_vs_C0", "compile_s"]
+SIZES = {
+    "full": dict(n=1024, dim=128, k=128, batch=2, depths=(2, 4, 8, 12, 24), heads=(4, 8, 16), policy_at=(12, 8),
+                 policies=REMAT_POLICIES[1:], none_depth=12, xcit="xcit_tiny_12_p16_224", img=224, img_batch=2),
+    "quick": dict(n=512, dim=128, k=64, batch=2, depths=(2, 6), heads=(4, 16), policy_at=(6, 4),
+                  policies=("dots_saveable", "save_projections"), none_depth=6, xcit="xcit_nano_12_p16_224", img=32,
+                  img_batch=2),
+    # the tests' sweep (13 points): a 1-block XCiT-N12 with 10 classes
+    "tiny": dict(n=64, dim=32, k=16, batch=1, depths=(1, 2), heads=(2,), policy_at=(2, 2),
+                 policies=("save_projections",), none_depth=2, xcit="xcit_nano_12_p16_224", img=16, img_batch=1,
+                 xcit_fields=dict(depth=1, num_classes=10)),
+}
 
 
-def _stand_in_step(apply_fn, tx):
-  """One optimizer step on the mean squared output (a stand-in loss with the encoder's backward pass); this
-  benchmark's own, not the trainer's step (module docstring)."""
-  def step(params, opt_state, extra, x):
-    loss, grads = jax.value_and_grad(lambda p: jnp.mean(apply_fn({"params": p, **extra}, x) ** 2))(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-  return step
+def train_step_name(kind: str) -> str:
+  """What the "step" field of a row records: the trainer's step function and the data kind it ran on."""
+  return f"linformer_jax.steps.make_train_step ({kind})"
 
 
-def measure(model, x, repeats: int) -> dict:
-  variables = model.init(jax.random.key(0), x)
-  params = variables.pop("params") if isinstance(variables, dict) else variables["params"]
-  extra = {k: v for k, v in variables.items() if k != "params"}
-  tx = optax.adafactor(1e-3)
-  opt_state = tx.init(params)
-  step = _stand_in_step(model.apply, tx)
-  compiled, compile_s, memory = compile_fn(step, params, opt_state, extra, x, count_all_buffers=True)
-  return dict(memory, compile_s=round(compile_s, 3),
-              step_time_s=median_time(compiled, params, opt_state, extra, x, repeats=repeats))
+def measure(model, batch: dict, kind: str, repeats: int) -> dict:
+  """Counted temp memory, compile seconds and median step time of the trainer's train step for ``model`` on
+  ``batch`` (data kind ``kind``), its state donated from call to call as in the training loop."""
+  tx = make_optimizer(default_optimizer_config(), 1000).tx
+  state = steps.init_state(model, tx, batch, kind, jax.random.key(0))
+  rng = jax.random.key(1)
+  step = steps.make_train_step(model, tx, kind)
+  compiled, compile_s, memory = compile_fn(step, state, batch, rng, donate_argnums=0, count_all_buffers=True)
+  run_step = DonatingStep(compiled, state, batch, rng)
+  seconds = interleaved_median_times({"step": run_step}, repeats=repeats)["step"]
+  return dict(memory, compile_s=round(compile_s, 3), step_time_s=seconds, step=train_step_name(kind))
 
 
-def run(quick: bool, repeats: int, sharing: str = "headwise"):
-  if quick:
-    n, dim, k, batch, depths, heads_list = 512, 128, 64, 2, (2, 6), (4, 16)
-    xcit_name, img, img_batch = "xcit_nano_12_p16_224", 32, 2
-  else:
-    n, dim, k, batch, depths, heads_list = 1024, 128, 128, 2, (2, 4, 8, 12, 24), (4, 8, 16)
-    xcit_name, img, img_batch = "xcit_tiny_12_p16_224", 224, 2
-  x = jax.random.normal(jax.random.key(1), (batch, n, dim))
+def image_batch(model, batch: int, img: int) -> dict:
+  """An "image" batch as the trainer feeds it: normal pixels and random labels of the model's classes."""
+  rng = np.random.default_rng(2)
+  return {"image": jnp.asarray(rng.standard_normal((batch, img, img, 3)).astype(np.float32)),
+          "label": jnp.asarray(rng.integers(0, model.num_classes, (batch,), dtype=np.int32))}
+
+
+def run(mode: str, repeats: int, sharing: str = "headwise"):
+  s = SIZES[mode]
+  n, dim, k, batch, depths, heads_list = s["n"], s["dim"], s["k"], s["batch"], s["depths"], s["heads"]
+  tokens = jax.tree.map(jnp.asarray, mlm_batch(batch, n))
   rows = []
 
   def add(model_name, depth, heads, level, policy, result, sharing=sharing):
@@ -72,32 +89,31 @@ def run(quick: bool, repeats: int, sharing: str = "headwise"):
     print(f"{model_name:>22} {sharing or '-':>8} depth {depth:>2} heads {heads:>2} {level} {policy:<34} temp "
           f"{r['temp_bytes'] / 2**20:9.1f} MiB  step {r['step_time_s'] * 1e3:8.1f} ms", flush=True)
 
-  lin = f"linformer_n{n}_d{dim}_k{k}_b{batch}"
+  def lm(depth, heads, **fields):
+    return mlm_model(n, dim=dim, depth=depth, num_heads=heads, k=k, scan_layers=True, **fields)
+
+  lin = f"linformer_lm_n{n}_d{dim}_k{k}_b{batch}"
   for depth, heads in itertools.product(depths, heads_list):
     for level in REMAT_LEVELS:
-      model = Linformer(max_len=n, dim=dim, depth=depth, num_heads=heads, k=k, sharing=sharing,
-                        scan_layers=True, remat=level)
-      add(lin, depth, heads, level, "nothing_saveable", measure(model, x, repeats))
-      # inputs kept per layer across layers: one per sub-layer at C1, one per layer at C2
+      add(lin, depth, heads, level, "nothing_saveable",
+          measure(lm(depth, heads, sharing=sharing, remat=level), tokens, "mlm", repeats))
+      # encoder inputs kept per layer across layers: one per sub-layer at C1, one per layer at C2
       rows[-1]["saved_input_bytes_per_layer"] = (1 if level == "C2" else 2) * batch * n * dim * 4
-  pdepth, pheads = (6, 4) if quick else (12, 8)
-  policies = ("dots_saveable", "save_projections") if quick else REMAT_POLICIES[1:]
-  for policy in policies:
-    model = Linformer(max_len=n, dim=dim, depth=pdepth, num_heads=pheads, k=k, sharing=sharing,
-                      scan_layers=True, remat="C1", remat_policy=policy)
-    add(lin, pdepth, pheads, "C1", policy, measure(model, x, repeats))
+  pdepth, pheads = s["policy_at"]
+  for policy in s["policies"]:
+    add(lin, pdepth, pheads, "C1", policy,
+        measure(lm(pdepth, pheads, sharing=sharing, remat="C1", remat_policy=policy), tokens, "mlm", repeats))
   if sharing != "none":
-    cdepth = depths[-1] if quick else 12
     for heads, level in itertools.product(heads_list, REMAT_LEVELS):
-      model = Linformer(max_len=n, dim=dim, depth=cdepth, num_heads=heads, k=k, sharing="none",
-                        scan_layers=True, remat=level)
-      add(lin, cdepth, heads, level, "nothing_saveable", measure(model, x, repeats), sharing="none")
+      add(lin, s["none_depth"], heads, level, "nothing_saveable",
+          measure(lm(s["none_depth"], heads, sharing="none", remat=level), tokens, "mlm", repeats), sharing="none")
 
-  images = jax.random.normal(jax.random.key(2), (img_batch, img, img, 3))
-  for level in REMAT_LEVELS:
-    model = create_model(xcit_name, scan_layers=True, remat=level)
-    add(f"{xcit_name}@{img}", model.depth, model.num_heads, level, "nothing_saveable",
-        measure(model, images, repeats), sharing=None)
+  xcits = {level: create_model(s["xcit"], scan_layers=True, remat=level, **s.get("xcit_fields", {}))
+           for level in REMAT_LEVELS}
+  images = image_batch(xcits["C0"], s["img_batch"], s["img"])
+  for level, model in xcits.items():
+    add(f"{s['xcit']}@{s['img']}", model.depth, model.num_heads, level, "nothing_saveable",
+        measure(model, images, "image", repeats), sharing=None)
 
   # ratios against C0 of the same model/depth/heads (policy nothing_saveable)
   base = {(r["model"], r["sharing"], r["depth"], r["heads"]): r for r in rows if r["level"] == "C0"}
@@ -161,8 +177,8 @@ def plot(rows, path):
         axes[1].plot([d for d, _ in pts], [r["step_time_s"] * 1e3 for _, r in pts], style,
                      label=f"{level} h={heads}")
     axes[0].set(xlabel="depth", ylabel="XLA temp memory (MiB)",
-                title=f"Linformer train step: memory (sharing {sharing})")
-    axes[1].set(xlabel="depth", ylabel="step time (ms)", title="Linformer train step: time")
+                title=f"Linformer masked-LM train step: memory (sharing {sharing})")
+    axes[1].set(xlabel="depth", ylabel="step time (ms)", title="Linformer masked-LM train step: time")
     axes[0].legend(fontsize=7, ncol=3)
   write_plot(path, draw)
 
@@ -172,13 +188,15 @@ def main(argv=None):
   p.add_argument("--sharing", default="headwise", choices=("none", "headwise", "kv"),
                  help="E/F sharing of the main Linformer sweep (layerwise cannot be scanned)")
   args = p.parse_args(argv)
-  quick = args.quick or args.tiny  # no smaller sweep than --quick here
-  rows = run(quick, max(args.repeats, 5), args.sharing)
-  targets = check_targets(rows, quick)
+  mode = sweep_mode(args)
+  rows = run(mode, max(args.repeats, 5), args.sharing)
+  targets = check_targets(rows, quick=mode != "full")
   print("\n".join(targets))
   return finish(args, "remat", rows, COLUMNS, "Checkpoint levels C0/C1/C2: memory and time",
-                "\n".join(targets) + "\n\ntemp_bytes = XLA compile-time temp buffers of one optimizer step; "
-                "step_time_s = median of >= 5 runs after warm-up.", plot)
+                "\n".join(targets) + "\n\nStep: the trainer's linformer_jax.steps.make_train_step (state donated, "
+                "default optimizer: Adafactor) of the byte-level masked LM linformer_lm (embedding, scanned encoder, "
+                "LM head; data kind mlm) and of XCiT (data kind image). temp_bytes = XLA compile-time temp buffers "
+                "of one train step, every buffer counted; step_time_s = median of >= 5 runs after warm-up.", plot)
 
 
 if __name__ == "__main__":
