@@ -29,12 +29,14 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
 
 
 def base_config(data_name: str) -> ml_collections.ConfigDict:
-  """The run fields with their defaults (``linformer_jax.run_config.RunConfig``), data/optimizer defaults and an
-  empty model."""
+  """The run fields with their defaults (``linformer_jax.run_config.RunConfig``), data/optimizer defaults and a
+  model section holding only the precision fields: ``model.dtype`` (compute) and ``model.param_dtype`` (stored
+  parameters), "float32" | "bfloat16" | "float16", so that ``--config.model.dtype=bfloat16`` works for every
+  config. Config files add the model's name and fields with ``c.model.update(...)``."""
   c = default_config_fields()
   c.data = default_data_config(data_name)
   c.optimizer = default_optimizer_config()
-  c.model = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict(dict(dtype="float32", param_dtype="float32"))
   return c
 
 

@@ -15,7 +15,7 @@ def get_config(arg=None):
   c.total_steps = 1500
   c.batch_size = 64
   c.log_every, c.eval_every, c.checkpoint_every = 50, 250, 500
-  c.model = dict(name=a.model, depth=a.depth, drop_path_rate=0.05, img_size=32)
+  c.model.update(name=a.model, depth=a.depth, drop_path_rate=0.05, img_size=32)
   c.optimizer.name = "adamw"
   c.optimizer.schedule = "cosine"
   c.optimizer.learning_rate = 1e-3

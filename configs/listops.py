@@ -14,7 +14,7 @@ def listops_config(arg, attention: str):
   c.total_steps = 5000
   c.batch_size = 32
   c.log_every, c.eval_every, c.checkpoint_every = 50, 500, 1000
-  c.model = dict(name="linformer_classifier", dim=512, depth=4, num_heads=8, k=a.k, dim_ff=1024,
+  c.model.update(name="linformer_classifier", dim=512, depth=4, num_heads=8, k=a.k, dim_ff=1024,
                  attention=attention, sharing=a.sharing, pool="cls", mlp_dim=1024, dropout=0.1,
                  attention_dropout=0.1, norm="pre", pos_emb="sinusoidal")
   c.optimizer.name = "adamw"

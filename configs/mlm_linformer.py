@@ -20,7 +20,7 @@ def get_config(arg=None):
   c.batch_size = 32
   c.log_every, c.eval_every, c.checkpoint_every = 100, 1000, 1000
   c.eval_max_batches = 20
-  c.model = dict(name="linformer_lm", dim=256, depth=4, num_heads=4, k=a.k, dim_ff=1024,
+  c.model.update(name="linformer_lm", dim=256, depth=4, num_heads=4, k=a.k, dim_ff=1024,
                  attention=a.attention, sharing=a.sharing, projection=a.projection, dropout=0.1,
                  norm="pre", pos_emb="learned", remat="C0")
   c.optimizer.name = "adafactor"

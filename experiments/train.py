@@ -29,6 +29,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from linformer_jax.data.listops import RENAMED_ARGS, renamed_arg_error
+from linformer_jax.run_config import RENAMED_FIELDS
 from linformer_jax.train import train_and_evaluate
 
 FLAGS = flags.FLAGS
@@ -85,6 +86,8 @@ def one_line(err: BaseException) -> str:
     name = field.strip("'\"")
     if name in RENAMED_ARGS:  # a ListOps field that has a new name: say which, not the nearest spelling
       return f"error: ValueError: {renamed_arg_error(name)}"
+    if name in RENAMED_FIELDS:  # --config.compute_dtype=...: now model.dtype / model.param_dtype
+      return f"error: ValueError: {RENAMED_FIELDS[name]}"
     return f"error: no such config field {field} (in a --config.FIELD=VALUE override). {' '.join(suggestion.split())}"
   lines = [line.strip() for line in msg.splitlines() if line.strip()]
   if any(line.startswith("Traceback (most recent call last)") for line in lines):

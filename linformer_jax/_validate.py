@@ -7,7 +7,8 @@ what is allowed:
 * `check_rate`: a probability or dropout rate in [0, 1) (or (0, 1));
 * `check_bool`, `check_choice`: flags and enumerations;
 * `check_fields`: the keys of a config section against its allowed fields (with a did-you-mean);
-* `check_mask`, `check_length`: model inputs.
+* `check_mask`, `check_length`: model inputs;
+* `as_dtype`: a compute or parameter dtype (``DTYPES``: a name, or the jnp dtype itself).
 
 A TypeError means the value has the wrong type, a ValueError that it is out of range or not allowed.
 """
@@ -16,6 +17,11 @@ from __future__ import annotations
 import difflib
 import numbers
 from typing import Any, Iterable, Optional
+
+import jax.numpy as jnp
+
+# The floating-point dtypes a model may compute in or store its parameters in, by the names configs use.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
@@ -137,3 +143,32 @@ def check_length(name: str, n: int, max_len: int) -> None:
   if n > max_len:
     raise ValueError(f"{name} has sequence length n={n}, which exceeds max_len={max_len}; "
                      f"inputs must have n <= max_len (build the model with max_len >= {n}).")
+
+
+def as_dtype(name: str, value: Any):
+  """The jnp dtype of a ``dtype``/``param_dtype`` field: a name of ``DTYPES`` ("float32", "bfloat16", "float16") or
+  one of those dtypes (``jnp.bfloat16``, ``np.dtype("float32")``, ...).
+
+  Args:
+    name: the field as the user writes it (``"model.dtype"``, ``"param_dtype"``).
+    value: the value given.
+
+  Returns:
+    The scalar type of ``DTYPES`` (``jnp.float32``, ``jnp.bfloat16`` or ``jnp.float16``).
+
+  Raises:
+    ValueError: any other name or dtype, naming the field, the value and the allowed names.
+  """
+  if isinstance(value, str):
+    found = DTYPES.get(value)
+  else:
+    try:
+      dtype = jnp.dtype(value)
+    except TypeError:
+      dtype = None
+    found = next((t for t in DTYPES.values() if dtype == jnp.dtype(t)), None)
+  if found is None:
+    shown = value if isinstance(value, str) else getattr(value, "__name__", value)
+    raise ValueError(f"{name}={shown!r} is not supported; allowed values: "
+                     f"{', '.join(map(repr, DTYPES))}.")
+  return found

@@ -9,20 +9,25 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import typing
 from typing import Any, Callable, Mapping, Optional
 
-import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
 from linformer_jax._validate import check_bool, check_choice, check_int
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PARALLEL_MODES = ("jit", "pmap")
 SECTIONS = ("data", "optimizer", "model")
+# Top-level fields that were replaced, and what to write instead.
+RENAMED_FIELDS = {
+    "compute_dtype": ("compute_dtype was replaced by model.dtype (the compute dtype: 'float32', 'bfloat16' or "
+                      "'float16') and model.param_dtype (the dtype parameters are stored in); remove compute_dtype "
+                      "and set e.g. --config.model.dtype=bfloat16 (parameters and optimizer state stay float32)."),
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,7 +43,6 @@ class RunConfig:
     log_every / eval_every / checkpoint_every: intervals in steps (the last step always logs, evaluates and
       saves).
     keep_checkpoints: how many checkpoints the workdir keeps.
-    compute_dtype: "float32" | "bfloat16" (bf16 compute with float32 parameters).
     compilation_cache: use JAX's persistent compilation cache.
     compilation_cache_dir: its directory; None = ``workdir.DEFAULT_COMPILATION_CACHE_DIR``.
     tensorboard: write TensorBoard events beside ``metrics.jsonl``.
@@ -58,7 +62,6 @@ class RunConfig:
   eval_every: int = 500
   checkpoint_every: int = 500
   keep_checkpoints: int = 3
-  compute_dtype: str = "float32"
   compilation_cache: bool = True
   compilation_cache_dir: Optional[str] = None
   tensorboard: bool = True
@@ -82,7 +85,6 @@ class RunConfig:
         check_int(name, getattr(self, name), minimum=minimum.get(name, 1), allow_none=allow_none)
       elif kind is bool:
         check_bool(name, getattr(self, name))
-    check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
     check_choice("parallel", self.parallel, PARALLEL_MODES)
     if "name" not in self.model:
       raise ValueError("model.name is missing; allowed: a name of linformer_jax.models.list_models(), e.g. "
@@ -98,6 +100,8 @@ class RunConfig:
     compiled. A field that is not in the schema (a misspelling) is a ValueError with a did-you-mean."""
     names = [f.name for f in dataclasses.fields(cls)]
     for name in config:
+      if name in RENAMED_FIELDS:
+        raise ValueError(RENAMED_FIELDS[name])
       if name not in names:
         close = difflib.get_close_matches(name, names, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -108,12 +112,6 @@ class RunConfig:
   def eval_batch(self) -> int:
     """The global eval batch size."""
     return self.eval_batch_size or self.batch_size
-
-  @property
-  def dtype(self):
-    """The compute dtype as a jnp dtype."""
-    return COMPUTE_DTYPES[self.compute_dtype]
-
 
 def _field_types() -> dict[str, type]:
   """{field: int | bool | str | ...} of the scalar fields (Optional[X] → X); sections and mesh left out."""
@@ -176,3 +174,48 @@ def config_diff_hint(config_json: str) -> Callable[[dict], str]:
     return ("Config fields that differ: " + "; ".join(diffs[:8]) + ".") if diffs else ""
 
   return hint
+
+
+def describe_callable(fn: Callable) -> str:
+  """The text ``config.json`` records for a callable config value (e.g. ``optimizer.schedule``).
+
+  Args:
+    fn: the callable (a function, a ``functools.partial`` or a callable object).
+
+  Returns:
+    ``"<callable MODULE.QUALNAME: not reproducible from this JSON>"``: no memory address, so the same callable
+    gives the same text in every run (the resume comparison of configs stays meaningful).
+  """
+  partial = isinstance(fn, functools.partial)
+  target = fn.func if partial else fn
+  name = getattr(target, "__qualname__", None) or type(target).__qualname__
+  module = getattr(target, "__module__", None) or type(target).__module__
+  return f"<callable {'functools.partial of ' if partial else ''}{module}.{name}: not reproducible from this JSON>"
+
+
+def config_to_json(config: ml_collections.ConfigDict, **kwargs) -> str:
+  """The JSON that ``config.json`` and checkpoints record, callables written as ``describe_callable``'s text.
+
+  Args:
+    config: the training config.
+    **kwargs: passed to ``json.dumps`` (e.g. ``indent=1``).
+
+  Returns:
+    ``config.to_json_best_effort(**kwargs)``, except that each callable value (ml_collections would write
+    ``"function schedule"``, a repr with a memory address, or the object's attributes) is replaced by
+    ``describe_callable(value)``.
+  """
+  text = config.to_json_best_effort(**kwargs)
+  data = json.loads(text)
+  found = []
+
+  def replace(node, out):
+    for key, value in node.items():
+      if isinstance(value, (ml_collections.ConfigDict, dict)) and isinstance(out.get(key), dict):
+        replace(value, out[key])
+      elif callable(value) and not isinstance(value, type):
+        out[key] = describe_callable(value)
+        found.append(key)
+
+  replace(config, data)
+  return json.dumps(data, **kwargs) if found else text

@@ -26,13 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from linformer_jax._validate import as_dtype
 from linformer_jax.models import create_model, list_models
 from linformer_jax.models.registry import model_fields, unknown_fields_message
 from linformer_jax.optim import current_learning_rate
 
 # model.name → the data kind it trains on; every other registered name is an image model.
 DATA_KIND_OF_MODEL = {"linformer_lm": "mlm", "linformer_classifier": "classification",
-                      "linformer_encdec": "seq2seq"}
+                      "linformer_encdec": "seq2seq", "linformer_base": "mlm", "linformer_large": "mlm",
+                      "linformer_base_classifier": "classification", "linformer_large_classifier": "classification"}
 # Model fields set from the dataset's info (never from the model config).
 FIELDS_FROM_DATA = {"mlm": ("vocab_size", "max_len"), "classification": ("num_classes", "vocab_size", "max_len"),
                     "seq2seq": ("vocab_size", "max_len"), "image": ("num_classes",)}
@@ -60,13 +62,18 @@ def build_model(model_config, info: dict) -> nn.Module:
 
   Args:
     model_config: the config's ``model`` section: ``name`` (``linformer_jax.models.list_models()``) and module
-      fields; vocabulary size, length and class count come from the dataset and may not be set here.
+      fields; vocabulary size, length and class count come from the dataset and may not be set here. ``dtype``
+      and ``param_dtype`` are names ("float32", "bfloat16", "float16"; ``linformer_jax._validate.DTYPES``).
     info: ``dataset.info`` (``kind`` and the data-derived fields).
 
   Raises:
-    ValueError: an unknown name, a model for another data kind, or a data-derived field in the model config.
+    ValueError: an unknown name, a model for another data kind, a data-derived field in the model config, or an
+      unknown dtype name.
   """
   kwargs = dict(model_config)
+  for key in ("dtype", "param_dtype"):
+    if key in kwargs:
+      kwargs[key] = as_dtype(f"model.{key}", kwargs[key])
   name = kwargs.pop("name", None)
   registered = list_models()
   if name not in registered:
@@ -118,6 +125,20 @@ def _cast(tree, dtype):
   return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
+def check_trainable_precision(model: nn.Module, prefix: str = "model.") -> None:
+  """Raises ValueError (before anything is traced) for a model that computes or stores parameters in float16.
+
+  float16 training needs loss scaling (its smallest normal number is 6e-5, so small gradients flush to zero), which
+  this trainer does not implement; bfloat16 has float32's exponent range and needs none. float16 inference works.
+  """
+  for field in ("dtype", "param_dtype"):
+    value = getattr(model, field, jnp.float32)
+    if jnp.dtype(value) == jnp.dtype(jnp.float16):
+      raise ValueError(f"{prefix}{field}='float16' cannot be trained here: float16 gradients underflow without "
+                       "loss scaling, which this trainer does not implement. Use bfloat16 (float32's exponent range, "
+                       "no loss scaling needed) or float32; float16 models work for inference.")
+
+
 def model_inputs(batch: dict, kind: str) -> tuple:
   """The positional model inputs of a batch: (image,) or (inputs, mask)."""
   return (batch["image"],) if kind == "image" else (batch["inputs"], batch["mask"])
@@ -138,15 +159,17 @@ def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, bat
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, kind: str,
-                    compute_dtype=jnp.float32, axis_name: Optional[str] = None,
-                    skip_nonfinite: bool = False) -> Callable:
+                    axis_name: Optional[str] = None, skip_nonfinite: bool = False) -> Callable:
   """Returns the pure ``train_step(state, batch, rng) -> (state, metrics)``; dropout key = fold_in(rng, step).
+
+  Precision is the model's: its ``dtype`` field casts parameters and inputs where they are used (a bfloat16 model
+  runs its matmuls in bfloat16 on the stored parameters); the loss is computed in float32 from the logits, and the
+  gradients arrive in the parameters' dtype.
 
   Args:
     model: the flax module.
     tx: the optax transformation (``linformer_jax.optim.make_optimizer(...).tx``).
     kind: the data kind ("mlm", "classification" or "image"), which fixes the batch keys (module docstring).
-    compute_dtype: bfloat16 runs the forward/backward pass with bf16 copies of the float32 params.
     axis_name: None under ``jax.jit`` (the batch is one global array); the mapped axis under ``jax.pmap``: each
       replica's loss is its share of the global weighted mean (sums divided by the ``psum`` of the weights) and
       loss, gradients and accuracy are ``psum``-ed, so the update equals the single-device one; new BatchNorm
@@ -155,11 +178,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, kind: st
 
   Returns:
     ``train_step``; its metrics are scalars: loss, accuracy, grad_norm, param_norm, lr and finite (bool).
+
+  Raises:
+    ValueError: a float16 model (``check_trainable_precision``).
   """
+  check_trainable_precision(model)
 
   def loss_fn(params, state, batch, rng):
-    variables = {"params": _cast(params, compute_dtype), **state.model_state}
-    logits, new_model_state = _apply(model, variables, _cast(batch, compute_dtype), kind, True, rng)
+    variables = {"params": params, **state.model_state}
+    logits, new_model_state = _apply(model, variables, batch, kind, True, rng)
     ce, correct, weights = _losses(logits, batch, kind)
     total = weights.sum()
     if axis_name is not None:
@@ -195,14 +222,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, kind: st
   return train_step
 
 
-def make_eval_step(model: nn.Module, kind: str, compute_dtype=jnp.float32,
-                   axis_name: Optional[str] = None) -> Callable:
+def make_eval_step(model: nn.Module, kind: str, axis_name: Optional[str] = None) -> Callable:
   """``eval_step(state, batch) -> sums`` of loss, correct predictions and weights (padding excluded);
-  with ``axis_name`` (pmap) the sums are ``psum``-ed over replicas. Arguments as ``make_train_step``."""
+  with ``axis_name`` (pmap) the sums are ``psum``-ed over replicas. Arguments as ``make_train_step``; any model
+  dtype (float16 included) evaluates."""
 
   def eval_step(state: TrainState, batch: dict):
-    variables = {"params": _cast(state.params, compute_dtype), **state.model_state}
-    logits, _ = _apply(model, variables, _cast(batch, compute_dtype), kind, False, None)
+    variables = {"params": state.params, **state.model_state}
+    logits, _ = _apply(model, variables, batch, kind, False, None)
     ce, correct, weights = _losses(logits, batch, kind)
     sums = {"loss": (ce * weights).sum(), "correct": (correct * weights).sum(), "weight": weights.sum()}
     return sums if axis_name is None else jax.lax.psum(sums, axis_name)

@@ -93,8 +93,11 @@ def test_non_finite_loss_stops_with_step_range_and_keeps_last_good_checkpoint(tm
 
 
 def test_bfloat16_compute_trains(tmp_path):
-  final = train_and_evaluate(_config("listops_linformer", compute_dtype="bfloat16"), tmp_path)
+  """model.dtype=bfloat16 (compute) with the default model.param_dtype=float32: the checkpoint holds float32."""
+  final = train_and_evaluate(_config("listops_linformer", **{"model.dtype": "bfloat16"}), tmp_path)
   assert np.isfinite(final["eval_loss"])
+  _, params = _final_params(tmp_path)
+  assert {np.asarray(a).dtype for a in jax.tree.leaves(params)} == {np.dtype(np.float32)}
 
 
 def test_cli_rejects_misspelled_field(tmp_path):

@@ -6,9 +6,15 @@ Every choice is an explicit argument of ``softmax_attention``; ``None`` takes th
 (``default_implementation``, ``default_block_rows``), read from ``jax.default_backend()`` unless a ``backend`` is
 passed to those functions. Why these defaults: docs/benchmarks.md §2 (query blocks, ``softmax_last``) and §8.1
 (einsums instead of ``dot_product_attention`` for float32 on a GPU).
+
+Mixed precision: q, k and v come in the model's compute dtype. The logits q·kᵀ are a float32 result of a product of
+those operands (``float32_einsum``), the softmax runs in float32, and its weights are cast to v's dtype for the
+weights·v product, so every matmul takes operands of the compute dtype while the exponentials and row sums do not
+lose precision.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -90,6 +96,39 @@ def default_block_rows(q_shape, s: int, dtype, *, backend: Optional[str] = None,
   return min(t, rows)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _float32_result(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+@_float32_result.defjvp
+def _float32_result_jvp(spec, primals, tangents):
+  (a, b), (da, db) = primals, tangents
+  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+  # each tangent product in the operands' dtype: transposed, the backward products take operands of that dtype too
+  return _float32_result(spec, a, b), f32(jnp.einsum(spec, da, b)) + f32(jnp.einsum(spec, a, db))
+
+
+def float32_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """``jnp.einsum(spec, a, b)`` with a float32 result, for logits that go into a float32 softmax.
+
+  Half-precision operands (bfloat16, float16) are multiplied as they are, accumulated and returned in float32
+  (``preferred_element_type``); the derivatives are products in the operands' dtype too (JAX's own transpose of a
+  float32-result product would cast the other operand up and run the backward matmuls in float32). float32 operands:
+  the plain einsum.
+
+  Args:
+    spec: a two-operand einsum spec, e.g. ``"bhtd,bhsd->bhts"``.
+    a, b: the operands, of one floating dtype.
+
+  Returns:
+    The product, float32.
+  """
+  if jnp.dtype(a.dtype).itemsize >= 4 and jnp.dtype(b.dtype).itemsize >= 4:
+    return jnp.einsum(spec, a, b)
+  return _float32_result(spec, a, b)
+
+
 @jax.custom_jvp
 def softmax_last(logits: jax.Array) -> jax.Array:
   """``jax.nn.softmax(logits, axis=-1)`` whose derivative keeps the row sum a contraction.
@@ -117,10 +156,14 @@ def attention_weights(q: jax.Array, k: jax.Array, *, key_mask: Optional[jax.Arra
 
   The scale is applied to q (t·d multiplies, not t·s) and the product runs heads-first, which is the layout
   XLA's batched dot wants (no transposes of the (t, s) scores). q_offset: position of the first query, for
-  ``is_causal`` on a block of queries (query i sees keys j <= q_offset + i).
+  ``is_causal`` on a block of queries (query i sees keys j <= q_offset + i). The logits and the weights are float32
+  whatever q's dtype (``float32_einsum``). The softmax is ``softmax_last`` for float32 q; for half-precision q it is
+  ``jax.nn.softmax`` (same values and derivatives), whose backward row sums are reductions: ``softmax_last``'s
+  contractions would be float32 matmuls inside a half-precision program, and the XLA:CPU fusion problem they avoid
+  concerns float32 training on the CPU.
   """
   scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-  logits = jnp.einsum("bhtd,bhsd->bhts", _heads_first(q * scale), _heads_first(k))
+  logits = float32_einsum("bhtd,bhsd->bhts", _heads_first(q * scale), _heads_first(k))
   big_neg = jnp.finfo(logits.dtype).min
   if key_mask is not None:
     logits = jnp.where(key_mask[:, None, None, :], logits, big_neg)
@@ -128,7 +171,7 @@ def attention_weights(q: jax.Array, k: jax.Array, *, key_mask: Optional[jax.Arra
     t, s = logits.shape[-2:]
     allowed = (q_offset + jnp.arange(t))[:, None] >= jnp.arange(s)[None, :]
     logits = jnp.where(allowed, logits, big_neg)
-  return softmax_last(logits)
+  return softmax_last(logits) if jnp.dtype(q.dtype).itemsize >= 4 else jax.nn.softmax(logits, axis=-1)
 
 
 def _blocked_attention(q, k, v, key_mask, is_causal: bool, rows: int):

@@ -1,10 +1,13 @@
 """What the image classifiers (XCiT, ViT) share: input checks and the timm-style head API."""
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
-from linformer_jax._validate import check_choice, check_int, check_rate
+from linformer_jax._validate import as_dtype, check_choice, check_int, check_rate
 
 
 def check_images(images: jax.Array, in_chans: int, patch_size: int) -> None:
@@ -32,14 +35,18 @@ class BlockFields(nn.Module):
 
 
 class TokenClassifier(nn.Module):
-  """The fields XCiT and ViT share (defined and checked here once), and ``forward_head``/``__call__`` for modules
-  with ``forward_features`` returning (batch, 1 + N, C), CLS first, and submodules ``head_drop``, ``head``.
+  """The fields XCiT and ViT share (defined and checked here once), and ``forward_head``/``__call__``/
+  ``get_classifier``/``reset_classifier`` for modules with ``forward_features`` returning (batch, 1 + N, C), CLS
+  first, and submodules ``head_drop``, ``head``.
 
   Attributes:
     img_size: the resolution of the published variant / position table. patch_size; in_chans: input channels.
     num_classes: head outputs (0 = no head). embed_dim, depth, num_heads, mlp_ratio, qkv_bias: transformer shape.
     drop_rate, attn_drop_rate, drop_path_rate: dropout rates (each model's docstring says where they apply).
     global_pool: "token" (CLS) | "avg" (mean of the patch tokens).
+    dtype: compute dtype (``jnp.float32`` | ``jnp.bfloat16`` | ``jnp.float16``; the names in a config) of every
+      convolution, matmul and attention product, and of the activations; param_dtype: the dtype parameters are
+      stored in (cast to dtype where used). Each model's docstring says what stays float32.
   """
   img_size: int = 224
   patch_size: int = 16
@@ -54,6 +61,8 @@ class TokenClassifier(nn.Module):
   attn_drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   global_pool: str = "token"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   def __post_init__(self):
     for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
@@ -64,6 +73,8 @@ class TokenClassifier(nn.Module):
     check_choice("global_pool", self.global_pool, ("token", "avg"))
     for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
       check_rate(name, getattr(self, name))
+    as_dtype("dtype", self.dtype)
+    as_dtype("param_dtype", self.param_dtype)
     super().__post_init__()
 
   def forward_head(self, tokens: jax.Array, pre_logits: bool = False, train: bool = False) -> jax.Array:
@@ -74,3 +85,44 @@ class TokenClassifier(nn.Module):
 
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
     return self.forward_head(self.forward_features(images, train), train=train)
+
+  @nn.nowrap
+  def get_classifier(self, variables) -> dict:
+    """The linear map that produces the logits from ``forward_head(..., pre_logits=True)``'s features.
+
+    Args:
+      variables: this model's variables.
+
+    Returns:
+      {"kernel": (embed_dim, num_classes), "bias": (num_classes,)}: the ``head`` Dense.
+
+    Raises:
+      ValueError: the model has no head (num_classes=0).
+    """
+    if not self.num_classes:
+      raise ValueError(f"get_classifier: this {type(self).__name__} has no head (num_classes=0); its forward "
+                       "returns the pooled features. Add one with reset_classifier(model, num_classes).")
+    head = variables["params"]["head"]
+    return {"kernel": head["kernel"], "bias": head["bias"]}
+
+  @nn.nowrap
+  def reset_classifier(self, num_classes: int):
+    """timm's ``reset_classifier``, functional: a copy of this model with a new head of num_classes outputs.
+
+    Args:
+      num_classes: outputs of the new head; 0 = no head (forward then returns the pooled features).
+
+    Returns:
+      ``(new_model, transfer)``; ``transfer(variables, rng) -> new_variables`` keeps every variable (parameters and
+      batch statistics) but the ``head`` Dense and initialises a new one with rng.
+    """
+    new_model = self.clone(num_classes=num_classes)
+    tokens = jax.numpy.zeros((1, 2, self.embed_dim), jax.numpy.float32)
+
+    def transfer(variables, rng: jax.Array):
+      params = {name: p for name, p in variables["params"].items() if name != "head"}
+      if num_classes:
+        params["head"] = new_model.init(rng, tokens, method="forward_head")["params"]["head"]
+      return {**variables, "params": params}
+
+    return new_model, transfer

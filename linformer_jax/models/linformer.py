@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from linformer_jax._validate import (check_bool, check_choice, check_int, check_length, check_mask,
+from linformer_jax._validate import (as_dtype, check_bool, check_choice, check_int, check_length, check_mask,
                                      check_rate)
 from linformer_jax.layers.attention import SHARING, FullSelfAttention, LinformerSelfAttention
 from linformer_jax.layers.dense import flat_dot_general
@@ -187,6 +187,13 @@ class LinformerFields(_Derived, nn.Module):
       default for the backend and dtype (``linformer_jax.layers.default_implementation``).
     attention_block_rows: queries per block of that kernel (the "xla" one); None = the backend's default
       (``linformer_jax.layers.default_block_rows``: blocks only for large scores on the CPU), 0 = never block.
+    dtype: the compute dtype ("float32" | "bfloat16" | "float16" names in a config, ``jnp.bfloat16`` etc. here):
+      every matmul (embeddings, Q/K/V/O, E/F projections, attention einsums, feed-forward, LM head, tied
+      ``attend``) runs on operands of this dtype, and activations between layers are stored in it.
+    param_dtype: the dtype parameters are stored (and updated) in; cast to ``dtype`` where they are used.
+      What stays float32 whatever ``dtype`` says (``linformer_jax.layers``): LayerNorm statistics and
+      normalisation, the attention logits and softmax (its weights are cast to ``dtype`` for weights·V), the loss
+      and the optimizer state — the sums and exponentials whose rounding error would otherwise grow with n.
   """
   max_len: int
   dim: int
@@ -241,6 +248,8 @@ class LinformerFields(_Derived, nn.Module):
     check_rate("attention_dropout", self.attention_dropout)
     check_kernel_args(self.attention_impl, self.attention_block_rows,
                       names=("attention_impl", "attention_block_rows"))
+    as_dtype("dtype", self.dtype)
+    as_dtype("param_dtype", self.param_dtype)
     if self.attention == "linformer":
       check_projected_length(self.k, self.max_len)
     else:
@@ -356,7 +365,7 @@ class LinformerLM(LinformerFields, kw_only=True):
 
 
 class LinformerClassifier(LinformerFields, kw_only=True):
-  """Sequence classifier: (embedding →) ``Linformer`` → CLS or masked-mean pooling → MLP head → logits.
+  """Sequence classifier: (embedding →) ``Linformer`` → CLS or masked-mean pooling → head → logits.
 
   Attributes (besides ``LinformerFields``):
     num_classes: number of classes.
@@ -364,13 +373,30 @@ class LinformerClassifier(LinformerFields, kw_only=True):
       already vectors (batch, n, dim).
     pool: "cls" (a learned CLS vector is prepended, so the encoder is built for max_len + 1 positions) |
       "mean" (mean over real tokens).
-    mlp_dim: hidden width of the head Dense(mlp_dim) → activation → Dense(num_classes); None = dim.
+    head: "mlp" (the default, as in earlier versions: Dense(mlp_dim) named ``pre_logits`` → activation →
+      Dense(num_classes) named ``head``) | "linear" (one Dense(num_classes) named ``head``: the logits are linear
+      in the pooled features, as ``get_classifier`` and class activation maps need).
+    mlp_dim: hidden width of the "mlp" head; None = dim. Must be None with head="linear".
     pos_emb: "learned" | "sinusoidal" (token inputs only).
-  Call: ``(inputs, mask=None, deterministic=True)``; returns logits (batch, num_classes).
+  Call: ``(inputs, mask=None, deterministic=True)``; inputs (batch, n) int or (batch, n, dim) float, n <= max_len;
+  mask (batch, n) bool, True = real token. Returns logits (batch, num_classes), computed as
+  ``forward_head(forward_features(inputs, mask), mask)``.
+
+  Classifier API (timm's names, as ``XCiT`` and ``VisionTransformer``)::
+
+    feats = model.apply(variables, inputs, mask, method=model.forward_features)   # (batch, [1 +] n, dim)
+    logits = model.apply(variables, feats, mask, method=model.forward_head)      # (batch, num_classes)
+    w = model.get_classifier(variables)          # head="linear" only: {"kernel": (dim, C), "bias": (C,)}
+    new_model, transfer = model.reset_classifier(5)
+
+  With head="linear", the class activation map CAM_c[t] = feats[:, t] · w["kernel"][:, c] + w["bias"][c] gives
+  logit c as its mean over the real tokens (pool="mean", masked) or as its value at the CLS position t = 0
+  (pool="cls").
   """
   num_classes: int
   vocab_size: Optional[int] = None
   pool: str = "cls"
+  head: str = "mlp"
   mlp_dim: Optional[int] = None
   pos_emb: str = "learned"
 
@@ -379,36 +405,135 @@ class LinformerClassifier(LinformerFields, kw_only=True):
     check_int("vocab_size", self.vocab_size, minimum=1, allow_none=True)
     check_int("mlp_dim", self.mlp_dim, minimum=1, allow_none=True)
     check_choice("pool", self.pool, ("cls", "mean"))
+    check_choice("head", self.head, ("mlp", "linear"))
     check_choice("pos_emb", self.pos_emb, POS_EMBS)
+    if self.head == "linear" and self.mlp_dim is not None:
+      raise ValueError(f"mlp_dim={self.mlp_dim} is unused with head='linear' (one Dense(num_classes)); remove "
+                       "mlp_dim, or use head='mlp' for a hidden layer of that width.")
     super().__post_init__()
 
-  @nn.compact
-  def __call__(self, inputs, mask=None, deterministic: bool = True):
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.vocab_size is not None:
+      self.embed = TokenEmbedder(self.vocab_size, self.dim, self.max_len, self.pos_emb, **kw)
+    # the name the earlier compact version gave it: the dropout draws stay the same
+    self.input_dropout = nn.Dropout(self.dropout, name="Dropout_0")
+    fields = self.encoder_fields()
+    if self.pool == "cls":
+      self.cls_token = self.param("cls", nn.initializers.zeros, (1, 1, self.dim), self.param_dtype)
+      fields["max_len"] = self.max_len + 1
+      fields["k"] = min(self.k, fields["max_len"])
+    self.encoder = Linformer(**fields)
+    if self.head == "mlp":
+      self.hidden = nn.Dense(self.mlp_dim or self.dim, **kw, name="pre_logits")
+    self.classifier = nn.Dense(self.num_classes, **kw, name="head")
+
+  def forward_features(self, inputs, mask=None, deterministic: bool = True):
+    """The encoder output, before pooling.
+
+    Args:
+      inputs: token ids (batch, n) int (vocab_size set) or vectors (batch, n, dim) float; n <= max_len.
+      mask: (batch, n) bool, True = real token; None = all real.
+      deterministic: False enables dropout (rng "dropout").
+
+    Returns:
+      (batch, n, dim), or (batch, 1 + n, dim) with the CLS position first when pool="cls".
+
+    Raises:
+      ValueError: n > max_len, or a mask of another shape.
+    """
     b, n = inputs.shape[:2]
     check_length("inputs", n, self.max_len)
     check_mask(mask, b, n)
-    if self.vocab_size is not None:
-      x = TokenEmbedder(self.vocab_size, self.dim, self.max_len, self.pos_emb, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="embed")(inputs)
-    else:
-      x = inputs
-    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
-    fields = self.encoder_fields()
+    x = self.embed(inputs) if self.vocab_size is not None else inputs
+    x = self.input_dropout(x, deterministic=deterministic)
     if self.pool == "cls":
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, self.dim), self.param_dtype)
-      x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.dim)).astype(x.dtype), x], axis=1)
+      x = jnp.concatenate([jnp.broadcast_to(self.cls_token, (b, 1, self.dim)).astype(x.dtype), x], axis=1)
       mask = None if mask is None else jnp.concatenate([jnp.ones((b, 1), bool), mask], axis=1)
-      fields["max_len"] = self.max_len + 1
-      fields["k"] = min(self.k, fields["max_len"])
-    h = Linformer(**fields, name="encoder")(x, mask, deterministic)
+    return self.encoder(x, mask, deterministic)
+
+  def forward_head(self, features, mask=None, pre_logits: bool = False, deterministic: bool = True):
+    """Pooling and head.
+
+    Args:
+      features: ``forward_features``' output, (batch, n, dim) or (batch, 1 + n, dim) for pool="cls".
+      mask: the (batch, n) mask given to ``forward_features``: pool="mean" averages over its real tokens,
+        pool="cls" reads position 0 (the mask's shape is still checked).
+      pre_logits: return the input of the final linear map instead of the logits.
+      deterministic: accepted so that calls mirror ``forward_features``; the head has no dropout.
+
+    Returns:
+      logits (batch, num_classes); with pre_logits: the pooled features (batch, dim) for head="linear", the hidden
+      layer after its activation (batch, mlp_dim or dim) for head="mlp".
+
+    Raises:
+      ValueError: a mask of another shape.
+    """
+    del deterministic
+    b, t = features.shape[:2]
+    check_mask(mask, b, t - 1 if self.pool == "cls" else t)
     if self.pool == "cls":
-      pooled = h[:, 0]
+      x = features[:, 0]
     else:
-      w = jnp.ones((b, n), h.dtype) if mask is None else mask.astype(h.dtype)
-      pooled = jnp.einsum("bn,bnd->bd", w, h) / jnp.maximum(w.sum(1, keepdims=True), 1.0)
-    dense = lambda n_out, name: nn.Dense(n_out, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    pooled = ACTIVATIONS[self.activation](dense(self.mlp_dim or self.dim, "pre_logits")(pooled))
-    return dense(self.num_classes, "head")(pooled)
+      w = jnp.ones((b, t), features.dtype) if mask is None else mask.astype(features.dtype)
+      x = jnp.einsum("bn,bnd->bd", w, features) / jnp.maximum(w.sum(1, keepdims=True), 1.0)
+    if self.head == "mlp":
+      x = ACTIVATIONS[self.activation](self.hidden(x))
+    return x if pre_logits else self.classifier(x)
+
+  def __call__(self, inputs, mask=None, deterministic: bool = True):
+    features = self.forward_features(inputs, mask, deterministic)
+    return self.forward_head(features, mask, deterministic=deterministic)
+
+  @nn.nowrap
+  def get_classifier(self, variables) -> dict:
+    """The linear map that produces the logits from ``forward_head(..., pre_logits=True)``'s features.
+
+    Args:
+      variables: this model's variables.
+
+    Returns:
+      {"kernel": (dim, num_classes), "bias": (num_classes,)}.
+
+    Raises:
+      ValueError: head="mlp", whose logits are not linear in the pooled features.
+    """
+    if self.head != "linear":
+      raise ValueError(
+          "get_classifier: LinformerClassifier(head='mlp') has no linear classifier on the pooled features: its "
+          "logits are head(activation(pre_logits(pooled))), and params['head']['kernel'] "
+          f"({self.mlp_dim or self.dim}, {self.num_classes}) maps the hidden layer, so a class activation map "
+          "built from it would be wrong. Use a model built with head='linear' (e.g. create_model(..., "
+          "head='linear'), then train or fine-tune it).")
+    head = variables["params"]["head"]
+    return {"kernel": head["kernel"], "bias": head["bias"]}
+
+  @nn.nowrap
+  def reset_classifier(self, num_classes: int):
+    """timm's ``reset_classifier``, functional: a copy of this model with a new head of num_classes outputs.
+
+    Args:
+      num_classes: outputs of the new head (>= 1: this model always has a head; for features use
+        ``forward_features`` or ``forward_head(..., pre_logits=True)``).
+
+    Returns:
+      ``(new_model, transfer)``; ``transfer(variables, rng) -> new_variables`` keeps every variable but the
+      ``head`` Dense (the "mlp" head's hidden layer ``pre_logits`` included) and initialises a new one with rng.
+
+    Raises:
+      ValueError: num_classes < 1.
+    """
+    if num_classes == 0:
+      raise ValueError("LinformerClassifier always has a head (num_classes >= 1); for the features without one "
+                       "use forward_features, or forward_head(..., pre_logits=True).")
+    new_model = self.clone(num_classes=num_classes)
+    features = jnp.zeros((1, 2, self.dim), jnp.float32)
+
+    def transfer(variables, rng: jax.Array):
+      head = new_model.init(rng, features, method="forward_head")["params"]["head"]
+      return {**variables, "params": {**variables["params"], "head": head}}
+
+    return new_model, transfer
 
 
 class _DecoderBlock(_Block):

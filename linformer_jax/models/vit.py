@@ -6,7 +6,7 @@ the default grid, ``blocks_{i}/{norm1, attn/{query, key, value, out}, norm2, mlp
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -26,22 +26,26 @@ class ViTBlock(BlockFields):
   """Pre-LN block: x ← x + DropPath(Attn(LN(x))); x ← x + DropPath(MLP(LN(x))).
 
   ``attention_impl`` / ``attention_block_rows``: the attention kernel's choices (``FullSelfAttention`` fields).
+  ``dtype`` / ``param_dtype``: compute and parameter dtypes of every sub-layer.
   """
   drop_path_rate: float = 0.0
   attention_impl: Optional[str] = None
   attention_block_rows: Optional[int] = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     det = not train
+    precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     drop_path = lambda y: DropPath(self.drop_path_rate)(y, deterministic=det)
     attn = FullSelfAttention(self.num_heads, qkv_bias=self.qkv_bias, attention_dropout=self.attn_drop_rate,
                              attention_impl=self.attention_impl, attention_block_rows=self.attention_block_rows,
-                             name="attn")
-    y = attn(nn.LayerNorm(LN_EPS, name="norm1")(x), deterministic=det)
+                             **precision, name="attn")
+    y = attn(nn.LayerNorm(LN_EPS, **precision, name="norm1")(x), deterministic=det)
     x = x + drop_path(nn.Dropout(self.drop_rate)(y, deterministic=det))
-    mlp = FeedForward(int(x.shape[-1] * self.mlp_ratio), "gelu", self.drop_rate, name="mlp")
-    return x + drop_path(mlp(nn.LayerNorm(LN_EPS, name="norm2")(x), deterministic=det))
+    mlp = FeedForward(int(x.shape[-1] * self.mlp_ratio), "gelu", self.drop_rate, **precision, name="mlp")
+    return x + drop_path(mlp(nn.LayerNorm(LN_EPS, **precision, name="norm2")(x), deterministic=det))
 
 
 class VisionTransformer(TokenClassifier):
@@ -52,7 +56,11 @@ class VisionTransformer(TokenClassifier):
   num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, drop_path_rate (linearly increasing over depth,
   as DeiT), global_pool "token" | "avg", attention_impl ("xla" | "dot_product_attention"; None = the default for
   the backend and dtype) and attention_block_rows (queries per block of the attention kernel; None = the backend's
-  default, 0 = never block), see ``linformer_jax.layers.softmax_kernel``.
+  default, 0 = never block), see ``linformer_jax.layers.softmax_kernel``; dtype, param_dtype (``TokenClassifier``):
+  with dtype=bfloat16 the patch convolution, every matmul and attention product and the residual stream are
+  bfloat16, while the LayerNorm statistics, the attention logits and softmax (``linformer_jax.layers``), the loss
+  and the optimizer state stay float32 (sums and exponentials, whose rounding would grow with the token count);
+  cls_token and pos_embed are stored in param_dtype and cast to dtype where added.
   Call: ``module.apply(variables, images, train=False)``; images (batch, H, W, in_chans) → (batch, num_classes).
   """
   attention_impl: Optional[str] = None
@@ -67,22 +75,25 @@ class VisionTransformer(TokenClassifier):
 
   def setup(self):
     p, g = self.patch_size, self.img_size // self.patch_size
-    self.patch_embed = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID")
-    self.cls_token = self.param("cls_token", dense_init, (1, 1, self.embed_dim))
-    self.pos_embed = self.param("pos_embed", dense_init, (1, 1 + g * g, self.embed_dim))
+    precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.patch_embed = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", **precision)
+    self.cls_token = self.param("cls_token", dense_init, (1, 1, self.embed_dim), self.param_dtype)
+    self.pos_embed = self.param("pos_embed", dense_init, (1, 1 + g * g, self.embed_dim), self.param_dtype)
     rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
     self.blocks = [ViTBlock(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate, self.attn_drop_rate,
-                            r, attention_impl=self.attention_impl, attention_block_rows=self.attention_block_rows)
+                            r, attention_impl=self.attention_impl, attention_block_rows=self.attention_block_rows,
+                            **precision)
                    for r in rates]
-    self.norm = nn.LayerNorm(LN_EPS)
+    self.norm = nn.LayerNorm(LN_EPS, **precision)
     self.pos_drop = nn.Dropout(self.drop_rate)
     self.head_drop = nn.Dropout(self.drop_rate)
     if self.num_classes:
-      self.head = nn.Dense(self.num_classes, kernel_init=dense_init)
+      self.head = nn.Dense(self.num_classes, kernel_init=dense_init, **precision)
 
   def _pos_embed(self, hp: int, wp: int) -> jax.Array:
     g = self.img_size // self.patch_size
-    cls_pos, grid_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+    table = self.pos_embed.astype(self.dtype)  # resized (a matmul per axis) in the compute dtype
+    cls_pos, grid_pos = table[:, :1], table[:, 1:]
     if (hp, wp) != (g, g):
       grid = grid_pos.reshape(1, g, g, self.embed_dim)
       grid_pos = jax.image.resize(grid, (1, hp, wp, self.embed_dim), "bilinear").reshape(1, hp * wp, -1)
@@ -93,7 +104,8 @@ class VisionTransformer(TokenClassifier):
     check_images(images, self.in_chans, self.patch_size)
     x = self.patch_embed(images)
     b, hp, wp, c = x.shape
-    x = jnp.concatenate([jnp.broadcast_to(self.cls_token, (b, 1, c)), x.reshape(b, hp * wp, c)], axis=1)
+    cls = jnp.broadcast_to(self.cls_token, (b, 1, c)).astype(x.dtype)
+    x = jnp.concatenate([cls, x.reshape(b, hp * wp, c)], axis=1)
     x = self.pos_drop(x + self._pos_embed(hp, wp), deterministic=not train)
     for blk in self.blocks:
       x = blk(x, train)

@@ -14,7 +14,7 @@ BatchNorm statistics are in the ``"batch_stats"`` collection.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -27,6 +27,7 @@ from linformer_jax.layers.conv import DepthwiseConv2D
 from linformer_jax.layers.dense import flat_dot_general
 from linformer_jax.layers.drop_path import DropPath
 from linformer_jax.layers.mlp import FeedForward, exact_gelu
+from linformer_jax.layers.softmax_kernel import float32_einsum
 from linformer_jax.models.image_classifier import BlockFields, TokenClassifier, check_images
 from linformer_jax.remat import RematPlan, map_heads
 
@@ -36,13 +37,16 @@ BN_EPS = 1e-5
 dense_init = nn.initializers.truncated_normal(0.02)
 
 
-def _batch_norm(train: bool, axis_name: Optional[str], name: str) -> nn.BatchNorm:
+def _batch_norm(train: bool, axis_name: Optional[str], name: str, dtype=jnp.float32,
+                param_dtype=jnp.float32) -> nn.BatchNorm:
+  """XCiT's BatchNorm; statistics (and the running averages) in float32 whatever dtype, the output in dtype."""
   return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS,
-                      axis_name=axis_name if train else None, name=name)
+                      axis_name=axis_name if train else None, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-def _layer_norm(name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=LN_EPS, name=name)
+def _layer_norm(name: str, dtype=jnp.float32, param_dtype=jnp.float32) -> nn.LayerNorm:
+  """XCiT's LayerNorm; statistics and normalisation in float32 whatever dtype, the output in dtype."""
+  return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class XCA(nn.Module):
@@ -52,8 +56,9 @@ class XCA(nn.Module):
 
   Attributes: num_heads; qkv_bias; attention_dropout; dropout (after the projection);
   normalize_qk (False = ablation without the L2 normalisation); learnable_temperature (False = τ fixed at 1).
-  Call ``(x, deterministic=True)``; x (batch, N, C) → (batch, N, C). The maps A (batch, heads, d_h, d_h) are
-  sown as ``intermediates/…/attention_weights`` when that collection is mutable.
+  dtype / param_dtype: compute and parameter dtypes (``xca_core``: the normalisation, logits and softmax in
+  float32). Call ``(x, deterministic=True)``; x (batch, N, C) → (batch, N, C). The maps A (batch, heads, d_h, d_h)
+  are sown as ``intermediates/…/attention_weights`` when that collection is mutable.
   """
   num_heads: int
   qkv_bias: bool = True
@@ -64,6 +69,8 @@ class XCA(nn.Module):
 
   remat_heads: bool = False
   remat_policy: str = "nothing_saveable"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -71,11 +78,12 @@ class XCA(nn.Module):
     h = self.num_heads
     if c % h:
       raise ValueError(f"embed_dim={c} is not divisible by num_heads={h}.")
-    qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, kernel_init=dense_init, dot_general=flat_dot_general,
-                   name="qkv")(x)
+    dense = lambda features, name, **kw: nn.Dense(features, kernel_init=dense_init, dot_general=flat_dot_general,
+                                                  dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw)
+    qkv = dense(3 * c, "qkv", use_bias=self.qkv_bias)(x)
     q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, h, c // h), 2, 0)  # each (b, N, h, d_h)
-    temperature = (self.param("temperature", nn.initializers.ones, (h,)) if self.learnable_temperature
-                   else jnp.ones((h,), x.dtype))
+    temperature = (self.param("temperature", nn.initializers.ones, (h,), self.param_dtype)
+                   if self.learnable_temperature else jnp.ones((h,), jnp.float32))
     rate = 0.0 if deterministic else self.attention_dropout
     rng = self.make_rng("dropout") if rate > 0.0 else None
     sow = self.is_mutable_collection("intermediates")
@@ -89,41 +97,49 @@ class XCA(nn.Module):
       out, attn = xca_core(q, k, v, temperature, self.normalize_qk, rate, rng)
       if sow:
         self.sow("intermediates", "attention_weights", attn)
-    out = nn.Dense(c, kernel_init=dense_init, dot_general=flat_dot_general,
-                   name="proj")(out.reshape(b, n, c))  # channel = h·d_h + i
+    out = dense(c, "proj")(out.reshape(b, n, c))  # channel = h·d_h + i
     return nn.Dropout(self.dropout)(out, deterministic=deterministic)
 
 
 def xca_core(q, k, v, temperature, normalize_qk=True, dropout_rate=0.0, dropout_rng=None):
   """The XCA attention core. q, k, v (batch, N, h, d_h); temperature (h,).
 
-  Returns out (batch, N, h, d_h) with out_i = Σ_j A[i, j] v_j, and A (batch, h, d_h, d_h).
+  Half-precision q, k, v: the L2 norms over the N tokens, the logits (``float32_einsum``) and the softmax are
+  float32; the normalised q, k and the weights are cast back to v's dtype for the two products.
+
+  Returns out (batch, N, h, d_h) with out_i = Σ_j A[i, j] v_j (v's dtype), and A (batch, h, d_h, d_h) float32.
   """
   if normalize_qk:  # F.normalize: x / max(‖x‖, 1e-12) along the token axis
-    q = q / jnp.maximum(jnp.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-    k = k / jnp.maximum(jnp.linalg.norm(k, axis=1, keepdims=True), 1e-12)
-  attn = jax.nn.softmax(jnp.einsum("bnhi,bnhj->bhij", q, k) * temperature[:, None, None], axis=-1)
+    unit = lambda x: (x / jnp.maximum(jnp.linalg.norm(x.astype(jnp.float32), axis=1, keepdims=True),
+                                      1e-12)).astype(x.dtype)
+    q, k = unit(q), unit(k)
+  logits = float32_einsum("bnhi,bnhj->bhij", q, k) * temperature.astype(jnp.float32)[:, None, None]
+  attn = jax.nn.softmax(logits, axis=-1)
   weights = attn
   if dropout_rate > 0.0 and dropout_rng is not None:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, attn.shape)
     weights = jnp.where(keep, attn / (1.0 - dropout_rate), 0.0)
-  return jnp.einsum("bhij,bnhj->bnhi", weights, v), attn
+  return jnp.einsum("bhij,bnhj->bnhi", weights.astype(v.dtype), v), attn
 
 
 class LPI(nn.Module):
   """Local patch interaction: depthwise conv → GELU → BatchNorm → depthwise conv on the Hp × Wp token grid.
 
   Call ``(x, grid, train=False)``; x (batch, Hp·Wp, C) row-major; grid = (Hp, Wp). Returns (batch, Hp·Wp, C).
+  dtype / param_dtype: compute and parameter dtypes of the convolutions (BatchNorm statistics stay float32).
   """
   kernel_size: int = 3
   bn_axis_name: Optional[str] = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, grid: tuple[int, int], train: bool = False) -> jax.Array:
     b, n, c = x.shape
-    conv = lambda name: DepthwiseConv2D((self.kernel_size, self.kernel_size), name=name)
+    conv = lambda name: DepthwiseConv2D((self.kernel_size, self.kernel_size), dtype=self.dtype,
+                                        param_dtype=self.param_dtype, name=name)
     y = conv("conv1")(x.reshape(b, *grid, c))
-    y = _batch_norm(train, self.bn_axis_name, "bn")(exact_gelu(y))
+    y = _batch_norm(train, self.bn_axis_name, "bn", self.dtype, self.param_dtype)(exact_gelu(y))
     return conv("conv2")(y).reshape(b, n, c)
 
 
@@ -132,11 +148,14 @@ class ConvPatchEmbed(nn.Module):
   (3 → C/8 → C/4 → C/2 → C), 3 for patch 8. Each stage maps H → ⌊(H − 1)/2⌋ + 1 (padding 1 on each side,
   explicit as in PyTorch, not 'SAME').
 
-  Call ``(images, train=False)``; images (batch, H, W, in_chans) → (batch, Hp, Wp, C).
+  Call ``(images, train=False)``; images (batch, H, W, in_chans) → (batch, Hp, Wp, C) in dtype (the convolutions
+  run in dtype, the BatchNorm statistics in float32).
   """
   patch_size: int = 16
   embed_dim: int = 768
   bn_axis_name: Optional[str] = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -144,9 +163,9 @@ class ConvPatchEmbed(nn.Module):
     widths = [self.embed_dim // 2 ** (stages - 1 - i) for i in range(stages)]
     x = images
     for i, width in enumerate(widths):
-      x = nn.Conv(width, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False,
-                  name=f"conv_{i}")(x)
-      x = _batch_norm(train, self.bn_axis_name, f"bn_{i}")(x)
+      x = nn.Conv(width, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name=f"conv_{i}")(x)
+      x = _batch_norm(train, self.bn_axis_name, f"bn_{i}", self.dtype, self.param_dtype)(x)
       if i < stages - 1:
         x = exact_gelu(x)
     return x
@@ -172,23 +191,28 @@ def fourier_features(hp: int, wp: int, hidden_dim: int = 32, temperature: float 
 class FourierPositionalEncoding(nn.Module):
   """Fourier features of the token grid (any Hp × Wp, computed on the fly) → 1×1 projection to C.
 
-  Call ``(grid)`` with grid = (Hp, Wp); returns (Hp·Wp, C).
+  Call ``(grid)`` with grid = (Hp, Wp); returns (Hp·Wp, C) in dtype (the features are computed in float32, the
+  projection runs in dtype).
   """
   dim: int
   hidden_dim: int = 32
   temperature: float = 10000.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, grid: tuple[int, int]) -> jax.Array:
     feats = jnp.asarray(fourier_features(*grid, self.hidden_dim, self.temperature))
-    return nn.Dense(self.dim, dot_general=flat_dot_general, name="token_projection")(feats)
+    return nn.Dense(self.dim, dot_general=flat_dot_general, dtype=self.dtype, param_dtype=self.param_dtype,
+                    name="token_projection")(feats)
 
 
 class XCABlock(BlockFields):
   """x ← x + γ1·XCA(LN(x));  x ← x + γ3·LPI(LN(x));  x ← x + γ2·MLP(LN(x))  (each branch with drop path).
 
   ``attention="self"`` swaps XCA for ordinary softmax self-attention; ``use_lpi=False`` drops the LPI branch
-  (ablations). Call ``(x, grid, train=False)``; x (batch, N, C).
+  (ablations). dtype / param_dtype: compute and parameter dtypes of every sub-layer (the LayerScale γ are stored in
+  param_dtype and cast to dtype). Call ``(x, grid, train=False)``; x (batch, N, C).
   """
   drop_path_rate: float = 0.0
   eta: float = 1.0
@@ -200,6 +224,8 @@ class XCABlock(BlockFields):
   remat: str = "C0"
   remat_policy: str = "nothing_saveable"
   scanned: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @property
   def _plan(self) -> RematPlan:
@@ -209,13 +235,21 @@ class XCABlock(BlockFields):
     return self._plan.sublayer(cls, static_argnums, self.scanned)
 
   def _heads(self):
-    return dict(remat_heads=self._plan.per_head, remat_policy=self.remat_policy)
+    return dict(remat_heads=self._plan.per_head, remat_policy=self.remat_policy, **self._precision())
+
+  def _precision(self):
+    return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+  def _gamma(self, name: str, c: int) -> jax.Array:
+    """A LayerScale vector (c,), stored in param_dtype, in dtype for the product."""
+    return self.param(name, nn.initializers.constant(self.eta), (c,), self.param_dtype).astype(self.dtype)
 
   @nn.compact
   def __call__(self, x: jax.Array, grid: tuple[int, int], train: bool = False) -> jax.Array:
     c = x.shape[-1]
     det = not train
-    gamma = lambda name: self.param(name, nn.initializers.constant(self.eta), (c,))
+    gamma = lambda name: self._gamma(name, c)
+    norm = lambda name: _layer_norm(name, **self._precision())
     drop_path = lambda y: DropPath(self.drop_path_rate)(y, deterministic=det)
     if self.attention == "xca":
       attn = self._remat(XCA, (2,))(self.num_heads, self.qkv_bias, self.attn_drop_rate, self.drop_rate,
@@ -226,14 +260,14 @@ class XCABlock(BlockFields):
                                                   attention_dropout=self.attn_drop_rate, **self._heads(),
                                                   name="attn")
       attend = lambda y: nn.Dropout(self.drop_rate)(attn(y, None, None, det), deterministic=det)
-    x = x + drop_path(gamma("gamma1") * attend(_layer_norm("norm1")(x)))
+    x = x + drop_path(gamma("gamma1") * attend(norm("norm1")(x)))
     if self.use_lpi:
-      lpi = self._remat(LPI, (2, 3))(bn_axis_name=self.bn_axis_name, name="local_mp")
-      x = x + drop_path(gamma("gamma3") * lpi(_layer_norm("norm3")(x), grid, train))
+      lpi = self._remat(LPI, (2, 3))(bn_axis_name=self.bn_axis_name, **self._precision(), name="local_mp")
+      x = x + drop_path(gamma("gamma3") * lpi(norm("norm3")(x), grid, train))
     mlp = self._remat(FeedForward, (2,))(int(c * self.mlp_ratio), "gelu", self.drop_rate,
                                          remat_chunks=self._plan.chunked_ff, remat_policy=self.remat_policy,
-                                         name="mlp")
-    return x + drop_path(gamma("gamma2") * mlp(_layer_norm("norm2")(x), det))
+                                         **self._precision(), name="mlp")
+    return x + drop_path(gamma("gamma2") * mlp(norm("norm2")(x), det))
 
 
 class _ScannedXCABlock(XCABlock):
@@ -251,32 +285,37 @@ class ClassAttentionBlock(BlockFields):
       tokens_norm: x ← LN2(x)   else: x_cls ← LN2(x_cls)
       x ← x + [γ2·MLP(x_cls), x_patches]      (so patch tokens are doubled here, exactly as the original)
   Call ``(x, train=False)``; x (batch, 1 + N, C). The CLS→token maps (batch, heads, 1, 1 + N) are sown as
-  ``attn/attention_weights`` when "intermediates" is mutable.
+  ``attn/attention_weights`` when "intermediates" is mutable. dtype / param_dtype: as ``XCABlock``.
   """
   eta: float = 1.0
   tokens_norm: bool = False
   remat: str = "C0"
   remat_policy: str = "nothing_saveable"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   _plan = XCABlock._plan
   _remat = XCABlock._remat
   _heads = XCABlock._heads
+  _precision = XCABlock._precision
+  _gamma = XCABlock._gamma
   scanned = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     c = x.shape[-1]
     det = not train
-    gamma = lambda name: self.param(name, nn.initializers.constant(self.eta), (c,))
-    xn = _layer_norm("norm1")(x)
+    gamma = lambda name: self._gamma(name, c)
+    xn = _layer_norm("norm1", **self._precision())(x)
     attn = self._remat(FullSelfAttention, (4,))(self.num_heads, qkv_bias=self.qkv_bias,
                                                 attention_dropout=self.attn_drop_rate, **self._heads(),
                                                 name="attn")
     cls = nn.Dropout(self.drop_rate)(attn(xn[:, :1], xn, None, det), deterministic=det)
     x = x + gamma("gamma1") * jnp.concatenate([cls, xn[:, 1:]], axis=1)
-    norm2 = _layer_norm("norm2")
+    norm2 = _layer_norm("norm2", **self._precision())
     x = norm2(x) if self.tokens_norm else jnp.concatenate([norm2(x[:, :1]), x[:, 1:]], axis=1)
-    mlp = self._remat(FeedForward, (2,))(int(c * self.mlp_ratio), "gelu", self.drop_rate, name="mlp")
+    mlp = self._remat(FeedForward, (2,))(int(c * self.mlp_ratio), "gelu", self.drop_rate, **self._precision(),
+                                         name="mlp")
     cls = gamma("gamma2") * mlp(x[:, :1], det)
     return x + jnp.concatenate([cls, x[:, 1:]], axis=1)
 
@@ -301,6 +340,13 @@ class XCiT(TokenClassifier):
       attention one head at a time and the MLP in token chunks inside); remat_policy: see
       ``linformer_jax.remat``. The parameter tree does not depend on them.
     scan_layers: run the XCA blocks with ``nn.scan`` (params and batch stats stacked under ``blocks``).
+    dtype, param_dtype: compute and parameter dtypes (``TokenClassifier``). With dtype=bfloat16 the stem
+      convolutions, the Fourier projection, Q/K/V/proj, the XCA and class-attention products, the LPI convolutions,
+      the MLPs and the head run in bfloat16, and the residual stream is bfloat16. float32 stay: the BatchNorm and
+      LayerNorm statistics (and BatchNorm's running averages), XCA's L2 norms over the tokens, the attention logits
+      and softmax (see ``linformer_jax.layers``), the loss and the optimizer state — sums over many terms and
+      exponentials, whose bfloat16 rounding (2^-8 relative) would grow with the token count. The hand-written
+      parameters (temperature, the γ's, cls_token) are stored in param_dtype and cast to dtype where used.
   Call: ``module.apply(variables, images, train=False)`` with images (batch, H, W, in_chans) float, H and W
   divisible by patch_size. ``train=True`` needs ``mutable=["batch_stats"]`` and a "dropout" rng when
   dropout/drop-path rates are non-zero. Returns logits (batch, num_classes).
@@ -329,15 +375,16 @@ class XCiT(TokenClassifier):
     check_choice("attention", self.attention, ("xca", "self"))
 
   def setup(self):
-    self.patch_embed = ConvPatchEmbed(self.patch_size, self.embed_dim, self.bn_axis_name)
+    precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.patch_embed = ConvPatchEmbed(self.patch_size, self.embed_dim, self.bn_axis_name, **precision)
     if self.use_pos_embed:
-      self.pos_embed = FourierPositionalEncoding(self.embed_dim)
-    self.cls_token = self.param("cls_token", dense_init, (1, 1, self.embed_dim))
+      self.pos_embed = FourierPositionalEncoding(self.embed_dim, **precision)
+    self.cls_token = self.param("cls_token", dense_init, (1, 1, self.embed_dim), self.param_dtype)
     block = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
                  drop_rate=self.drop_rate, attn_drop_rate=self.attn_drop_rate,
                  drop_path_rate=self.drop_path_rate, eta=self.eta, use_lpi=self.use_lpi, attention=self.attention,
                  normalize_qk=self.normalize_qk, learnable_temperature=self.learnable_temperature,
-                 bn_axis_name=self.bn_axis_name, remat=self.remat, remat_policy=self.remat_policy)
+                 bn_axis_name=self.bn_axis_name, remat=self.remat, remat_policy=self.remat_policy, **precision)
     plan = RematPlan(self.remat, self.remat_policy)
     if self.scan_layers:
       scan = nn.scan(plan.layer(_ScannedXCABlock, (2, 3), scanned=True),
@@ -350,16 +397,17 @@ class XCiT(TokenClassifier):
     cls_block = plan.layer(ClassAttentionBlock, (2,))
     self.cls_attn_blocks = [cls_block(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate,
                                       self.attn_drop_rate, self.eta, self.tokens_norm, self.remat,
-                                      self.remat_policy)
+                                      self.remat_policy, **precision)
                             for _ in range(self.cls_attn_layers)]
-    self.norm = _layer_norm("norm")
+    self.norm = _layer_norm("norm", **precision)
     self.pos_drop = nn.Dropout(self.drop_rate)
     self.head_drop = nn.Dropout(self.drop_rate)
     if self.num_classes:
-      self.head = nn.Dense(self.num_classes, kernel_init=dense_init)
+      self.head = nn.Dense(self.num_classes, kernel_init=dense_init, **precision)
 
   def forward_features(self, images: jax.Array, train: bool = False) -> jax.Array:
-    """images (batch, H, W, in_chans) → tokens after the final LayerNorm, (batch, 1 + Hp·Wp, C), CLS first."""
+    """images (batch, H, W, in_chans) → tokens after the final LayerNorm, (batch, 1 + Hp·Wp, C) in dtype, CLS
+    first."""
     check_images(images, self.in_chans, self.patch_size)
     x = self.patch_embed(images, train)
     b, hp, wp, c = x.shape

@@ -332,3 +332,23 @@ def test_torch_side_on_cpu_against_a_tpu_is_flagged():
   from experiments import bench_common
   with pytest.warns(UserWarning, match="not comparable"):
     assert bench_common.torch_device_spec(backend="tpu") == {"device": "cpu"}
+
+
+def test_precision(tmp_path, monkeypatch):
+  """float32 vs bfloat16 train steps of each model: both measured with the trainer's step, the same float32 state
+  (argument bytes equal), the bfloat16 rows' ratios computed from the float32 rows; the notes say what a CPU run
+  means."""
+  kinds = _spy_on_train_steps(monkeypatch)
+  rows = run_bench("precision", tmp_path)
+  assert kinds == ["mlm", "mlm", "image", "image"]
+  assert [(r["model"], r["dtype"]) for r in rows] == [
+      ("linformer_lm", "float32"), ("linformer_lm", "bfloat16"),
+      ("vit_tiny_patch16_224", "float32"), ("vit_tiny_patch16_224", "bfloat16")]
+  for f32, bf16 in zip(rows[::2], rows[1::2]):
+    assert f32["step_time_s"] > 0 and bf16["step_time_s"] > 0 and f32["temp_bytes"] > 0
+    assert f32["argument_bytes"] == bf16["argument_bytes"]  # float32 parameters and optimizer state on both sides
+    assert bf16["speedup"] == pytest.approx(f32["step_time_s"] / bf16["step_time_s"], rel=0.01)
+    assert bf16["temp_vs_f32"] == pytest.approx(bf16["temp_bytes"] / f32["temp_bytes"], rel=0.01)
+    assert bf16["step"].startswith("linformer_jax.steps.make_train_step")
+  md = (tmp_path / "precision.md").read_text()
+  assert "XLA:CPU has no bfloat16 matmul units" in md and "measured on a GPU" in md and "1.7×" in md

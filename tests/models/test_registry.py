@@ -1,6 +1,7 @@
 """The one generic model test (timm style): every name of ``list_models()`` builds through ``create_model``,
 initialises, runs forward and backward, and has the parameter count of an independent source (published counts for
-XCiT/ViT presets, the hand-written Linformer formula of test_linformer.py for the Linformer names)."""
+XCiT/ViT presets, the hand-written Linformer formula of test_linformer.py for the Linformer names and the hand count
+of test_presets.py for the BERT-size Linformer presets, which are traced at full size but never initialised)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from linformer_jax.models import create_model, list_models
 from linformer_jax.models.registry import model_fields
 from test_linformer import expected_param_count
+from test_presets import preset_param_count
 from test_vit_registry import n_params
 from test_xcit import PUBLISHED
 
@@ -20,6 +22,10 @@ SMALL = {
     "linformer_classifier": dict(LINFORMER, vocab_size=VOCAB, num_classes=CLASSES, pool="mean"),
     "linformer_encdec": dict(LINFORMER, vocab_size=VOCAB),
 }
+# The BERT-size presets: full geometry, only the user's vocabulary (and classes) given.
+PRESETS = {name: dict(vocab_size=VOCAB, **({"num_classes": CLASSES} if name.endswith("_classifier") else {}))
+           for name in list_models("linformer_*") if name not in SMALL}
+SEQUENCE_OUTPUTS = {"linformer_lm", "linformer_encdec", "linformer_base", "linformer_large"}  # (batch, n, vocab)
 TOKENS = jnp.asarray(np.random.RandomState(0).randint(0, VOCAB, (2, LINFORMER["max_len"])), jnp.int32)
 IMAGE = jnp.asarray(np.random.RandomState(1).normal(size=(2, 32, 32, 3)), jnp.float32)
 PUBLISHED_COUNTS = {f"xcit_{v}_p{p}_224": n for p, d in PUBLISHED.items() for v, n in d.items()}
@@ -34,6 +40,8 @@ def _build(name):
     model = create_model(name, **SMALL[name])
     inputs = (TOKENS, TOKENS) if name == "linformer_encdec" else (TOKENS,)
     return model, inputs, {"deterministic": True}
+  if name in PRESETS:
+    return create_model(name, **PRESETS[name]), (TOKENS,), {"deterministic": True}
   shallow = {"depth": 1, "num_classes": CLASSES}
   if "cls_attn_layers" in model_fields(name):
     shallow["cls_attn_layers"] = 1
@@ -58,7 +66,7 @@ def test_init_forward_backward_shapes(name):
   model, inputs, kwargs = _build(name)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, **kwargs))
   out = jax.eval_shape(lambda v: model.apply(v, *inputs, **kwargs), variables)
-  if name in ("linformer_lm", "linformer_encdec"):
+  if name in SEQUENCE_OUTPUTS:
     assert out.shape == (2, inputs[-1].shape[1], VOCAB)
   else:
     assert out.shape == (2, CLASSES)
@@ -82,6 +90,11 @@ def test_init_forward_backward_values(name):
 
 @pytest.mark.parametrize("name", list_models())
 def test_parameter_count(name):
+  if name in PRESETS:
+    model, inputs, kwargs = _build(name)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, **kwargs))["params"]
+    assert n_params(shapes) == preset_param_count(name, VOCAB, CLASSES)
+    return
   if name in SMALL:
     model, inputs, kwargs = _build(name)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, **kwargs))["params"]

@@ -42,7 +42,9 @@ def test_registered_names():
   assert names == sorted(names) and len(names) == len(set(names))
   assert len(XCIT_NAMES) == 28
   assert set(list_models("xcit_*")) == XCIT_NAMES
-  assert set(names) == XCIT_NAMES | VIT_NAMES | {"linformer_lm", "linformer_classifier", "linformer_encdec"}
+  assert set(names) == XCIT_NAMES | VIT_NAMES | {"linformer_lm", "linformer_classifier", "linformer_encdec",
+                                                 "linformer_base", "linformer_large", "linformer_base_classifier",
+                                                 "linformer_large_classifier"}
   assert set(list_models("xcit_*_p8_*")) == {n for n in XCIT_NAMES if "_p8_" in n}
   assert list_models("nothing_*") == []
 

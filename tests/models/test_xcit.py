@@ -18,6 +18,7 @@ from linformer_jax.layers.drop_path import DropPath
 from linformer_jax.models import create_model, get_classifier, reset_classifier
 from linformer_jax.models.xcit import (LPI, XCA, ClassAttentionBlock, ConvPatchEmbed,
                                        FourierPositionalEncoding, XCABlock, XCiT, fourier_features)
+from helpers import assert_only_head_replaced
 
 B, H_IMG, W_IMG, C, HEADS, CLASSES = 2, 32, 48, 32, 4, 5
 TINY = dict(embed_dim=C, depth=2, num_heads=HEADS, num_classes=CLASSES, patch_size=16)
@@ -574,7 +575,7 @@ def test_forward_features_and_head(tiny, images):
   assert feats.shape == (B, 7, C)
   logits = model.apply(variables, feats, method=XCiT.forward_head)
   np.testing.assert_allclose(logits, model.apply(variables, images), rtol=1e-6, atol=1e-6)
-  head = f64(get_classifier(variables))
+  head = f64(model.get_classifier(variables))
   np.testing.assert_allclose(logits, np.asarray(feats[:, 0], np.float64) @ head["kernel"] + head["bias"],
                              rtol=1e-5, atol=1e-5)
   pre = model.apply(variables, feats, True, method=XCiT.forward_head)
@@ -587,17 +588,11 @@ def test_forward_features_and_head(tiny, images):
 
 def test_reset_classifier_transfer(tiny, images):
   model, variables = tiny
-  assert get_classifier(variables)["kernel"].shape == (C, CLASSES)
+  assert model.get_classifier(variables)["kernel"].shape == (C, CLASSES)
   new_model, transfer = reset_classifier(model, 3)
   assert new_model.num_classes == 3 and model.num_classes == CLASSES
   new_vars = transfer(variables, jax.random.key(5))
-  old_p = flax.traverse_util.flatten_dict(unfreeze(variables["params"]))
-  new_p = flax.traverse_util.flatten_dict(unfreeze(new_vars["params"]))
-  assert set(old_p) == set(new_p)
-  for path, val in old_p.items():
-    if path[0] != "head":
-      np.testing.assert_array_equal(new_p[path], val)
-  assert new_p[("head", "kernel")].shape == (C, 3) and new_p[("head", "bias")].shape == (3,)
+  assert_only_head_replaced(variables, new_vars, (C, 3))
   for a, b in zip(jax.tree.leaves(variables["batch_stats"]), jax.tree.leaves(new_vars["batch_stats"])):
     np.testing.assert_array_equal(a, b)
   out = new_model.apply(new_vars, images)
@@ -610,7 +605,9 @@ def test_reset_classifier_transfer(tiny, images):
   bare_vars = transfer0(variables, jax.random.key(0))
   assert "head" not in bare_vars["params"]
   with pytest.raises(ValueError):
-    get_classifier(bare_vars)
+    bare.get_classifier(bare_vars)
+  with pytest.raises(ValueError):
+    get_classifier(bare_vars)  # the module-level, variables-only form
   np.testing.assert_allclose(bare.apply(bare_vars, images),
                              model.apply(variables, images, method=XCiT.forward_features)[:, 0], atol=1e-6)
 
