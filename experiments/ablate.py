@@ -35,7 +35,7 @@ from linformer_jax import steps
 from linformer_jax import train as train_lib  # train_lib.train_and_evaluate: looked up per call (tests patch it)
 from linformer_jax.data import make_dataset
 from linformer_jax.metrics import read_metrics
-from linformer_jax.optim import make_optimizer
+from linformer_jax.optim import HORIZON_SCHEDULES, make_optimizer
 
 RUN_MARKER = "ablate_run.json"
 SWEEPS = find_sweeps()  # {name: Sweep}: the get_sweeps() of configs/*.py
@@ -141,9 +141,11 @@ def run_one(sweep: Sweep, arm: str, overrides: dict, seed: int, out: pathlib.Pat
             f"{row['final']['common_eval_perplexity']:.3f}")
       log(f"[{sweep.name}] {arm} seed {seed}: done already, skipped")
       return {**row, "skipped": True}
-    if config.optimizer.schedule == "cosine":
+    schedule = config.optimizer.schedule
+    if callable(schedule) or schedule in HORIZON_SCHEDULES:
+      what = "a callable schedule may depend" if callable(schedule) else f"schedule={schedule!r} depends"
       raise ValueError(f"{workdir} holds a finished run of {row['steps']} steps; it cannot be extended to "
-                       f"{config.total_steps} because the cosine schedule depends on total_steps.")
+                       f"{config.total_steps} because {what} on total_steps.")
     previous_wall = row["wall_time_s"]  # extend: resume from the final checkpoint (the schedule and the
     marker.unlink()                     # step-indexed data do not depend on total_steps, so this equals a
     log(f"[{sweep.name}] {arm} seed {seed}: extending {row['steps']} → {config.total_steps} steps")  # longer run)
@@ -361,7 +363,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--seeds", help="comma-separated seeds instead of the sweep's own set")
   parser.add_argument("--arms", help="comma-separated subset of the sweep's arms")
   parser.add_argument("--total_steps", type=int, help="train every run this many steps; finished shorter runs "
-                      "are continued from their final checkpoint (not with a cosine schedule)")
+                      "are continued from their final checkpoint (not with a schedule that depends on total_steps: "
+                      "cosine, warmup_cosine, linear, a callable)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="extra dotted config override for every run (JSON value), e.g. data.path=DIR")
   parser.add_argument("--list", action="store_true", help="list the sweeps and their arms")

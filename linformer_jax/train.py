@@ -2,6 +2,7 @@
 
 It compiles the pure ``train_step(state, batch, rng) -> (state, metrics)`` of ``linformer_jax.steps`` once, through
 the run's ``linformer_jax.parallel.DataParallel``, and runs it. The workdir receives ``config.json``,
+``dataset_info.json`` (the dataset's info: ``linformer_jax.runs.load_model`` rebuilds the model from these two),
 ``metrics.jsonl`` (host 0), TensorBoard events, ``checkpoints/`` (Orbax: train state + data position + config,
 asynchronous, every ``checkpoint_every`` steps and at the end) and ``plots/*.png``. Running again on a workdir with
 checkpoints resumes from the latest; data come from ``dataset.batch_at(step)``, a pure function of the step, so a
@@ -35,9 +36,10 @@ from linformer_jax.data import make_dataset
 from linformer_jax.metrics import MetricWriter, plot_metrics
 from linformer_jax.optim import make_optimizer
 from linformer_jax.preemption import FaultHook, StopRequest
-from linformer_jax.run_config import RunConfig, config_diff_hint
-from linformer_jax.steps import (TrainState, abstract_train_state, build_model, evaluate, init_state,
-                                 make_eval_step, make_train_step)
+from linformer_jax.runs import write_dataset_info
+from linformer_jax.run_config import RunConfig, config_diff_hint, config_to_json
+from linformer_jax.steps import (TrainState, abstract_train_state, build_model, check_trainable_precision, evaluate,
+                                 init_state, make_eval_step, make_train_step)
 from linformer_jax.workdir import check_disk_space, enable_compilation_cache, prepare_workdir
 
 
@@ -82,11 +84,12 @@ def _start(run: RunConfig, config: ml_collections.ConfigDict, workdir: pathlib.P
   info = dataset.info
   kind = info["kind"]
   model = build_model(run.model, info)
+  check_trainable_precision(model)  # float16 needs loss scaling: refused before anything is traced
   _check_model_fits_data(model, info, run.model.name)
-  optimizer = make_optimizer(run.optimizer, run.total_steps)
   dp = par.create_data_parallel(run.parallel, run.mesh)
   dp.check_batch(run.batch_size, "batch_size")
   dp.check_batch(run.eval_batch, "eval_batch_size")
+  optimizer = make_optimizer(run.optimizer, run.total_steps)  # evaluates the schedule at step 0 (a tiny compile)
 
   # Shapes of the whole train state by tracing only (nothing compiled yet): disk space and a checkpoint of
   # another model/optimizer config are reported now.
@@ -94,7 +97,7 @@ def _start(run: RunConfig, config: ml_collections.ConfigDict, workdir: pathlib.P
                                  process_count=jax.process_count())
   abstract_state = abstract_train_state(model, optimizer.tx, first_batch, kind)
   check_disk_space(workdir, abstract_state)
-  config_json = config.to_json_best_effort(indent=1)
+  config_json = config_to_json(config, indent=1)  # a callable (optimizer.schedule) as its name
   mismatch_hint = config_diff_hint(config_json)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=run.keep_checkpoints)
   try:
@@ -120,9 +123,9 @@ def _start(run: RunConfig, config: ml_collections.ConfigDict, workdir: pathlib.P
       checkpointer.close()
       raise ValueError(f"checkpoint {start} records data position {meta['data_step']}, expected {start}.")
   state = dp.place(state)
-  dp.compile(make_train_step(dp.step_model(model), optimizer.tx, kind, run.dtype, axis_name=dp.axis_name,
+  dp.compile(make_train_step(dp.step_model(model), optimizer.tx, kind, axis_name=dp.axis_name,
                              skip_nonfinite=run.skip_nonfinite_steps),
-             make_eval_step(model, kind, run.dtype, axis_name=dp.axis_name), state)
+             make_eval_step(model, kind, axis_name=dp.axis_name), state)
   train_rng = dp.make_rng(lambda: jax.random.split(jax.random.key(run.seed))[1])
   return _Run(run, workdir, dataset, kind, dp, checkpointer, config_json, state, train_rng, start, skipped_before)
 
@@ -143,6 +146,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   run = _start(run_config, config, pathlib.Path(workdir))
   if jax.process_index() == 0:
     (run.workdir / "config.json").write_text(run.config_json)
+    write_dataset_info(run.workdir, run.dataset.info)  # the data-derived model fields, for runs.load_model
   writer = MetricWriter(run.workdir, tensorboard=run.config.tensorboard)
   stop = StopRequest().install()
   try:

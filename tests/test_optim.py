@@ -10,17 +10,13 @@ import numpy as np
 import optax
 import pytest
 
-from linformer_jax.optim import (LearningRateState, current_learning_rate, default_optimizer_config,
-                                 make_optimizer)
+from linformer_jax.optim import LearningRateState, current_learning_rate, make_optimizer
+from helpers import optimizer_config
 
 EPS1 = 1e-30
 
 
-def config(**overrides):
-  c = default_optimizer_config()
-  for key, value in overrides.items():
-    setattr(c, key, value)
-  return c
+config = optimizer_config
 
 
 def rand(seed, shape, scale=1.0):
@@ -559,8 +555,8 @@ def test_bf16_params_keep_float32_statistics():
 LR = dict(schedule="constant", learning_rate=1e-3)
 VALIDATION = {
     "unknown name": (dict(name="sgd"), 10, ["name", "'sgd'", "'adafactor'", "'adamw'"]),
-    "unknown schedule": (dict(schedule="linear"), 10, ["schedule", "'linear'", "'constant'", "'rsqrt'", "'cosine'",
-                                                       "'relative_step'"]),
+    "unknown schedule": (dict(schedule="exponential"), 10, ["schedule", "'exponential'", "'constant'", "'rsqrt'",
+                                                            "'cosine'", "'relative_step'", "'linear'", "callable"]),
     "unknown mask": (dict(weight_decay_mask="bias"), 10, ["weight_decay_mask", "'all'", "'no_bias_norm'"]),
     "relative_step with lr": (dict(schedule="relative_step", learning_rate=1e-3), 10,
                               ["learning_rate", "relative_step"]),
