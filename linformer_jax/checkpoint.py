@@ -11,6 +11,9 @@ a warning and moved to ``<directory>.corrupt/<step>-<time>``, and the previous o
 ``CheckpointMismatchError`` naming the differing arrays — it is not skipped, since every checkpoint of that
 directory was written by the other config.
 
+``CheckpointReader`` reads one step's model variables without the optimizer state and without touching the
+directory (``linformer_jax.runs.load_model``).
+
 ``restore_variables`` + ``take_matching`` start a run from another checkpoint's weights (the trainer's
 ``init_from``): every variable whose path and shape match is taken.
 """
@@ -26,6 +29,7 @@ from typing import Any, Callable, Optional
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 logger = logging.getLogger(__name__)
@@ -34,7 +38,7 @@ _MAX_LISTED = 8
 
 
 class CheckpointCorruptError(ValueError):
-  """Every checkpoint in the directory is unreadable."""
+  """Every checkpoint in the directory is unreadable (resume), or the one step read (``CheckpointReader``)."""
 
 
 class CheckpointMismatchError(ValueError):
@@ -216,6 +220,132 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def _variable_name(name: str) -> str:
+  """A train-state array name as a variable path: "model_state.constants.x" → "constants.x"."""
+  return name.removeprefix("model_state.")
+
+
+def first_mismatch(saved: dict, wanted: dict) -> str:
+  """'' when two {name: (shape, dtype)} maps agree on names and shapes; else the first difference (a differing
+  shape first, then a name missing from ``saved``, then one only in ``saved``; parameters before other arrays)."""
+  order = lambda names: sorted(names, key=lambda s: (not s.startswith("params."), s))  # noqa: E731
+  for name in order(set(saved) & set(wanted)):
+    if saved[name][0] != wanted[name][0]:
+      return f"{_variable_name(name)}: checkpoint shape {saved[name][0]}, model shape {wanted[name][0]}"
+  for name in order(set(wanted) - set(saved)):
+    return f"{_variable_name(name)}: not in the checkpoint (model shape {wanted[name][0]})"
+  for name in order(set(saved) - set(wanted)):
+    return f"{_variable_name(name)}: in the checkpoint (shape {saved[name][0]}) but not in the model"
+  return ""
+
+
+class CheckpointReader:
+  """Read-only access to a ``Checkpointer`` directory, for inference: its committed steps and the model variables
+  of one step (``params`` and the other collections, without the optimizer state).
+
+  Nothing in the directory is created, cleaned up or moved (unlike ``Checkpointer``, which deletes unfinished
+  ``*.orbax-checkpoint-tmp*`` steps and quarantines unreadable ones), so reading a run that is still training
+  does not disturb it. Use as a context manager or call ``close()``.
+
+  Attributes:
+    directory: the absolute path of the checkpoints directory.
+  """
+
+  def __init__(self, directory: str | os.PathLike):
+    self.directory = os.path.abspath(os.fspath(directory))
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False,
+                                           save_interval_steps=0, max_to_keep=None,
+                                           enable_async_checkpointing=False)
+    # The PyTree handler reads what StandardSave wrote and, unlike the Standard one, restores a subtree.
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # Orbax warns "Given directory is read only" for every read-only manager
+    try:
+      self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    finally:
+      absl_logger.setLevel(level)
+
+  def __enter__(self) -> "CheckpointReader":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def all_steps(self) -> list[int]:
+    """The committed steps, ascending (an unfinished ``<step>.orbax-checkpoint-tmp*`` write is not one)."""
+    return sorted(self._manager.all_steps())
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _unreadable(self, step: int, err: Exception) -> CheckpointCorruptError:
+    msg = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+    return CheckpointCorruptError(f"checkpoint {self.step_dir(step)} is unreadable ({msg}); it is damaged "
+                                  "(truncated, garbled or missing files): pick another step.")
+
+  def saved_arrays(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{name: (shape, dtype)} of the state arrays stored at ``step`` (metadata only). Raises
+    CheckpointCorruptError when the metadata cannot be read."""
+    try:
+      metadata = self._manager.item_metadata(step)["state"]
+      tree = getattr(metadata, "tree", metadata)
+      if not isinstance(tree, dict) or "params" not in tree:
+        raise ValueError("no train state (params) in the metadata")
+      return array_names(tree)
+    except Exception as err:  # pylint: disable=broad-except  (Orbax/TensorStore raise many types)
+      raise self._unreadable(step, err) from err
+
+  def restore_variables(self, step: int, abstract_variables: dict[str, Any], what: str = "the model"
+                        ) -> dict[str, Any]:
+    """The variables of ``step`` as numpy arrays, in the structure and dtypes of ``abstract_variables``.
+
+    Args:
+      step: a committed step (``all_steps()``).
+      abstract_variables: {"params": …, other collections…} of arrays or ShapeDtypeStructs (e.g.
+        ``jax.eval_shape(model.init, …)``); every array must be in the checkpoint with the same shape.
+      what: names the model in the mismatch message.
+
+    Returns:
+      {"params": …, "constants": …, "batch_stats": …} (the collections of ``abstract_variables``).
+
+    Raises:
+      CheckpointMismatchError: the checkpoint's params / other collections differ in names or shapes (the first
+        difference is named, with both shapes).
+      CheckpointCorruptError: the step's metadata or arrays cannot be read.
+    """
+    variables = dict(abstract_variables)
+    target = {"params": variables.pop("params")}
+    if variables:
+      target["model_state"] = variables
+    saved = {n: v for n, v in self.saved_arrays(step).items() if n.split(".")[0] in ("params", "model_state")}
+    wanted = array_names(target)
+    mismatch = first_mismatch(saved, wanted)
+    if mismatch:
+      raise CheckpointMismatchError(
+          f"checkpoint {self.step_dir(step)} does not fit {what}: {mismatch} (all differences: "
+          f"{describe_mismatch(saved, wanted)}). Was it written by another run or config?")
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), target)
+    restore_args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype), target)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=target, restore_args=restore_args, partial_restore=True)))["state"]
+    except Exception as err:  # pylint: disable=broad-except
+      raise self._unreadable(step, err) from err
+    return {"params": restored["params"], **restored.get("model_state", {})}
+
+  def meta(self, step: int) -> dict:
+    """The JSON metadata saved with ``step`` (e.g. {"step", "data_step", "config"}); CheckpointCorruptError when
+    it cannot be read."""
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as err:  # pylint: disable=broad-except
+      raise self._unreadable(step, err) from err
+
+  def close(self) -> None:
     self._manager.close()
 
 
