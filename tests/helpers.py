@@ -9,6 +9,29 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def optimizer_config(**overrides):
+  """``default_optimizer_config()`` with the given fields set."""
+  from linformer_jax.optim import default_optimizer_config
+  c = default_optimizer_config()
+  for key, value in overrides.items():
+    setattr(c, key, value)
+  return c
+
+
+def assert_only_head_replaced(variables, new_variables, head_kernel_shape):
+  """reset_classifier's transfer: the same parameter names, every non-head array kept, a head of the new shape."""
+  from flax.core import unfreeze
+  from flax.traverse_util import flatten_dict
+  old = flatten_dict(unfreeze(variables["params"]))
+  new = flatten_dict(unfreeze(new_variables["params"]))
+  assert set(old) == set(new)
+  for path, value in old.items():
+    if path[0] != "head":
+      np.testing.assert_array_equal(new[path], value)
+  assert new[("head", "kernel")].shape == head_kernel_shape
+  assert new[("head", "bias")].shape == head_kernel_shape[-1:]
+
+
 def rand(seed, shape, scale=1.0):
   """Test data from numpy (new jax.random shapes cost ~0.5 s of XLA compilation each on CPU)."""
   return jnp.asarray(np.random.RandomState(seed).normal(0.0, scale, shape), jnp.float32)
