@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-logger = logging.getLogger(__name__)
+_logger = logging.getLogger(__name__)
 
 _MAX_LISTED = 8
 
@@ -83,7 +83,16 @@ def describe_mismatch(saved: dict, wanted: dict) -> str:
 
 
 class Checkpointer:
-  """Attributes: directory (absolute path of ``<workdir>/checkpoints``); max_to_keep; async saves."""
+  """Saves, lists and restores train-state checkpoints of one directory (see the module docstring).
+
+  Args:
+    directory: the checkpoints directory (``<workdir>/checkpoints``); created if missing.
+    max_to_keep: how many of the newest checkpoints are kept; older ones are deleted after a save.
+    asynchronous: write checkpoints in the background (``wait`` / ``close`` block until they are committed).
+
+  Attributes:
+    directory: the absolute path of the checkpoints directory.
+  """
 
   def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3, asynchronous: bool = True):
     self.directory = os.path.abspath(os.fspath(directory))
@@ -94,9 +103,11 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> Optional[int]:
+    """The newest committed step, or None when the directory holds no checkpoint."""
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
+    """The committed steps (an unfinished ``<step>.orbax-checkpoint-tmp*`` write is not one)."""
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict) -> None:
@@ -202,7 +213,7 @@ class Checkpointer:
         src = os.path.join(self.directory, str(step))
         if os.path.isdir(src):
           shutil.move(src, os.path.join(dest_root, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"))
-          logger.warning("moved unreadable checkpoint %s to %s", src, dest_root)
+          _logger.warning("moved unreadable checkpoint %s to %s", src, dest_root)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("linformer_jax.checkpoint.quarantine")
@@ -216,9 +227,11 @@ class Checkpointer:
     return restored["state"], restored["meta"]
 
   def wait(self) -> None:
+    """Blocks until every pending asynchronous save is committed."""
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for pending saves, then releases the manager; the object is unusable afterwards."""
     self._manager.wait_until_finished()
     self._manager.close()
 
@@ -280,6 +293,7 @@ class CheckpointReader:
     return sorted(self._manager.all_steps())
 
   def step_dir(self, step: int) -> str:
+    """The path of ``step``'s directory, ``<directory>/<step>`` (whether or not it exists)."""
     return os.path.join(self.directory, str(step))
 
   def _unreadable(self, step: int, err: Exception) -> CheckpointCorruptError:
@@ -346,6 +360,7 @@ class CheckpointReader:
       raise self._unreadable(step, err) from err
 
   def close(self) -> None:
+    """Releases the underlying Orbax manager (nothing on disk changes)."""
     self._manager.close()
 
 

@@ -15,6 +15,10 @@ class MetricWriter:
 
   Only process 0 writes; other processes get a no-op writer. Rows are appended, so a resumed run continues
   the same file.
+
+  Args:
+    workdir: the run directory; ``metrics.jsonl`` and ``tensorboard/`` are created in it.
+    tensorboard: also write TensorBoard scalars (needs ``tensorboardX``).
   """
 
   def __init__(self, workdir: str | os.PathLike, tensorboard: bool = True):
@@ -29,6 +33,15 @@ class MetricWriter:
         self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
 
   def write(self, step: int, values: dict) -> None:
+    """Appends one row ``{"step": step, **values}`` and flushes it.
+
+    Arrays and numpy scalars are converted with ``.item()``. Finite numeric values (not ``step``) also go to
+    TensorBoard as scalars at ``step``.
+
+    Args:
+      step: the training step of the row.
+      values: metric name → JSON-serialisable value.
+    """
     if not self.enabled:
       return
     row = {"step": int(step)}
@@ -41,6 +54,7 @@ class MetricWriter:
           self._tb.add_scalar(key, value, int(step))
 
   def close(self) -> None:
+    """Closes ``metrics.jsonl`` and the TensorBoard writer."""
     if self.enabled:
       self._file.close()
       if self._tb is not None:
@@ -54,6 +68,7 @@ def _plain(v):
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+  """The rows of ``<workdir>/metrics.jsonl``, in file order; ``[]`` when the file does not exist."""
   path = pathlib.Path(workdir) / "metrics.jsonl"
   if not path.exists():
     return []

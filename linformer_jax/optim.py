@@ -29,7 +29,7 @@ From a training config (``config.optimizer``, see ``default_optimizer_config``):
 (``grad_clip_norm``) and wrapped in ``optax.MultiSteps`` for ``accumulate_steps`` > 1.
 
 Config schedules (``Optimizer.schedule(s)``, s = 0-based index of the optimizer update, w = warmup_steps,
-T = total_steps // accumulate_steps, lr = learning_rate, end = end_lr_fraction · lr):
+T = total_steps // accumulate_steps, lr = learning_rate, end = end_lr_fraction · lr)::
 
     constant            lr · min(1, s/w)                       (lr for w = 0)
     rsqrt               lr · min(1, s/w) · sqrt(w / max(s, w)) (w >= 1; peak = lr at s = w)
@@ -52,7 +52,7 @@ name (``linformer_jax.run_config.config_to_json``): such a run is not reproducib
 LRA (google-research/long-range-arena) uses ``constant · min(1, s/w) / sqrt(max(s, w))`` with constant 0.05 and
 w = 1000: that is ``rsqrt`` with learning_rate = 0.05/sqrt(1000) ≈ 1.58e-3 (its peak, at s = 1000).
 
-The applied step of one tensor p at update s is, with U = G/sqrt(V̂) the second-moment-normalised gradient:
+The applied step of one tensor p at update s is, with U = G/sqrt(V̂) the second-moment-normalised gradient::
 
     adafactor  Δp = −[ EMA_β1( lr(s) · max(1e-3, RMS(p)) · U / max(1, RMS(U)/d) ) + lr(s) · wd · p ]
                (param scale only with multiply_by_parameter_scale, the EMA only with momentum, the clip only with
@@ -114,15 +114,23 @@ from ml_collections import config_dict
 
 from linformer_jax._validate import check_bool, check_choice, check_int, check_real
 
+#: Optimizer names of ``config.optimizer.name``.
 NAMES = ("adafactor", "adamw")
+#: Schedule names of ``config.optimizer.schedule`` (see the table in the module docstring).
 SCHEDULES = ("constant", "rsqrt", "cosine", "warmup_cosine", "linear", "piecewise_constant", "relative_step")
-HORIZON_SCHEDULES = ("cosine", "warmup_cosine", "linear")  # depend on total_steps (and use end_lr_fraction)
+#: The schedules that depend on ``total_steps`` (and use ``end_lr_fraction``).
+HORIZON_SCHEDULES = ("cosine", "warmup_cosine", "linear")
+#: Named weight-decay masks: ``"all"`` tensors, or ``"no_bias_norm"`` (only tensors of rank >= 2).
 WEIGHT_DECAY_MASKS = ("all", "no_bias_norm")
 
-ADAFACTOR_EPS1 = 1e-30  # ε1 added to g² (paper, optax)
-RELATIVE_STEP_MAX = 1e-2  # ρ_t = min(1e-2, 1/sqrt(t))
+#: Adafactor's ε1, added to g² (paper, optax).
+ADAFACTOR_EPS1 = 1e-30
+#: The cap of the paper's relative step ρ_t = min(1e-2, 1/sqrt(t)).
+RELATIVE_STEP_MAX = 1e-2
 
+#: A learning-rate schedule: update count (an int32 array) → learning rate.
 Schedule = Callable[[Any], jax.Array]
+#: A constant learning rate or a ``Schedule``.
 ScalarOrSchedule = Union[float, Schedule]
 
 
@@ -400,6 +408,20 @@ def adafactor(learning_rate: ScalarOrSchedule, *, factored: bool = True, decay_r
       int32 step or does not return a scalar; another argument of the wrong type.
     ValueError: a float learning_rate that is not finite and > 0, a schedule whose value at step 0 is negative
       or not finite; another argument out of range.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from linformer_jax import optim
+    >>> params = {"w": jnp.ones((64, 32)), "b": jnp.zeros((32,))}
+    >>> tx = optim.adafactor(1e-2, weight_decay=0.1)
+    >>> opt_state = tx.init(params)
+    >>> grads = {"w": jnp.full((64, 32), 0.5), "b": jnp.full((32,), 0.5)}
+    >>> updates, opt_state = tx.update(grads, opt_state, params)
+    >>> # w: lr · RMS(w) · U + lr · wd · w with U = 1; b: lr · 1e-3 (RMS(b) = 0), no weight decay on a 1-D tensor
+    >>> round(float(updates["w"][0, 0]), 6), round(float(updates["b"][0]), 8)
+    (-0.011, -1e-05)
+    >>> round(float(optim.current_learning_rate(opt_state)), 6)
+    0.01
   """
   schedule = _check_schedule(learning_rate)
   mask = _resolve_mask(weight_decay_mask)

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+#: The mesh axes; the batch is sharded over both, parameters (with fsdp > 1) over ``"fsdp"``.
 DATA_AXES = ("data", "fsdp")
 
 
@@ -79,6 +80,7 @@ def make_mesh(mesh_config=None, devices: Optional[Sequence[jax.Device]] = None) 
 
 
 def replicated(mesh) -> NamedSharding:
+  """The sharding that keeps a full copy of an array on every device of ``mesh``."""
   return NamedSharding(mesh, P())
 
 
@@ -109,6 +111,7 @@ def state_shardings(abstract_state: Any, mesh) -> Any:
 
 
 def data_parallel_size(mesh) -> int:
+  """The number of devices the batch is split over: the product of the mesh's data and fsdp axis sizes."""
   sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
   return math.prod(sizes.get(a, 1) for a in DATA_AXES)
 
@@ -207,6 +210,8 @@ class DataParallel:
   n_data: int = 1
 
   def check_batch(self, batch_size: int, name: str) -> None:
+    """ValueError unless the global batch ``batch_size`` divides over ``n_data`` devices (``name``: for the
+    message)."""
     check_global_batch(batch_size, self.n_data, name)
 
   def step_model(self, model):
@@ -235,6 +240,7 @@ class DataParallel:
     return self._train(state, self._batch(host_batch), rng)
 
   def eval_step(self, state: Any, host_batch: Mapping[str, Any]):
+    """This process's rows of the global eval batch → the compiled ``eval_fn``'s metrics (one copy)."""
     return self._eval(state, self._batch(host_batch))
 
   def saved_view(self, state: Any) -> Any:
@@ -257,9 +263,11 @@ class JitDataParallel(DataParallel):
     return put_global(state, self.state_sh)
 
   def make_rng(self, make_key):
+    """``make_key()`` computed under ``jax.jit`` as one array replicated over the mesh (also across processes)."""
     return jax.jit(make_key, out_shardings=self.repl)()  # a global array, also across processes
 
   def compile(self, train_fn, eval_fn, state):
+    """Jits both steps with the state's shardings (set by ``restore_target``); the train step donates the state."""
     self._train = jax.jit(train_fn, in_shardings=(self.state_sh, self.batch_sh, self.repl),
                           out_shardings=(self.state_sh, self.repl), donate_argnums=(0,))
     self._eval = jax.jit(eval_fn, in_shardings=(self.state_sh, self.batch_sh), out_shardings=self.repl)
@@ -278,6 +286,7 @@ class PmapDataParallel(DataParallel):
     self.n_data = len(self.devices) * jax.process_count()
 
   def step_model(self, model):
+    """``model`` with ``bn_axis_name="batch"`` when it has BatchNorm (cross-replica statistics), else ``model``."""
     if getattr(model, "bn_axis_name", "") is None:
       return model.clone(bn_axis_name=self.axis_name)  # cross-replica BatchNorm statistics (SyncBatchNorm)
     return model
@@ -287,6 +296,7 @@ class PmapDataParallel(DataParallel):
     return replicate(state, self.devices)
 
   def compile(self, train_fn, eval_fn, state):
+    """pmaps both steps over the devices (the rng is broadcast, the state donated); ``state`` is unused."""
     del state
     self._pmap_train = jax.pmap(train_fn, axis_name=self.axis_name, in_axes=(0, 0, None), donate_argnums=(0,),
                                 devices=self.devices)
@@ -301,6 +311,7 @@ class PmapDataParallel(DataParallel):
     return split_for_pmap(host_batch, self.devices)
 
   def saved_view(self, state):
+    """The first replica of the device-stacked state."""
     return unreplicate(state)
 
 

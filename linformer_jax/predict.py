@@ -1,5 +1,7 @@
 """Inference on a loaded run (``linformer_jax.runs.load_model``): inputs prepared exactly as its dataset does.
 
+Usage::
+
     module, variables, config = load_model(workdir)
     info = read_dataset_info(workdir, config)
     fill_masked(module, variables, info, "The qu_ck brown fox")          # masked LM: "The quick brown fox"
@@ -21,6 +23,7 @@ import numpy as np
 from linformer_jax.data import listops
 from linformer_jax.data.images import resize_bilinear
 
+#: The input kinds of ``input_kind``, each with the description (and CLI flags) used in error messages.
 INPUT_KINDS = {"mlm": "text with masked bytes (--text, --mask_char)", "listops": "a ListOps expression (--text)",
                "image": "an image file (--image)"}
 

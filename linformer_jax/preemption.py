@@ -18,7 +18,9 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
+#: The environment variable that sets a fault to inject (see ``parse_fault``).
 FAULT_ENV = "LINFORMER_JAX_FAULT"
+#: The signal names ``$LINFORMER_JAX_FAULT`` accepts, and their signals.
 FAULT_SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT}
 
 
@@ -50,6 +52,7 @@ class FaultHook:
 
   @classmethod
   def from_env(cls) -> "FaultHook":
+    """The hook of this process's ``$LINFORMER_JAX_FAULT`` (ValueError for an unsupported value)."""
     return cls(os.environ.get(FAULT_ENV))
 
   def after_step(self, done: int, wait_for_checkpoints: Callable[[], None]) -> None:
@@ -77,6 +80,7 @@ class StopRequest:
     self._previous: dict = {}
 
   def install(self) -> "StopRequest":
+    """Installs the SIGTERM/SIGINT handlers (in the main thread only; elsewhere a no-op) and returns ``self``."""
     if threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
@@ -90,6 +94,7 @@ class StopRequest:
     self.signum = signum
 
   def restore(self) -> None:
+    """Puts back the handlers that ``install`` replaced."""
     for sig, handler in self._previous.items():
       signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     self._previous.clear()

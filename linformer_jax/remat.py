@@ -4,6 +4,7 @@
 * ``C1``: each attention and feed-forward sub-layer is wrapped in ``nn.remat``: only its inputs (and what the
   policy saves) are kept; the rest is recomputed in the backward pass, so depth costs little memory.
 * ``C2``: C1's promise with less memory, so that head count and feed-forward width also cost little:
+
   - the attention core (scores, softmax, weighted sum) runs one head at a time under ``jax.checkpoint``
     inside ``lax.map``, so only one head's n×k (Linformer) / n×n (full) / d_h×d_h (XCA) intermediates are
     live at once — unlike the original, where all heads are still materialised together;
@@ -12,18 +13,21 @@
   - the remat region is the whole layer rather than each sub-layer: one input per layer is kept across
     layers instead of C1's one per sub-layer. Inside the region nothing is saved beyond the per-head and
     per-chunk inputs, so the layer's backward pass recomputes its forward once, as at C1.
+
   Measured (docs/bench/remat.md): C2 temp memory is the same at 4 and 16 heads, and below C1 at every depth.
 
 ``remat_policy`` names what a rematerialised region may keep:
 
-| name | keeps |
-|---|---|
-| ``nothing_saveable`` (default) | nothing but the region's inputs |
-| ``dots_saveable`` | results of all matmuls |
-| ``dots_with_no_batch_dims_saveable`` | results of matmuls without batch dimensions (the weight matmuls) |
-| ``everything_saveable`` | everything (no saving; for testing) |
-| ``save_projections`` | the tagged q, k, v and the projected K̄ = E·K, V̄ = F·V (``checkpoint_name``) |
-| ``offload_dots`` | weight-matmul results, offloaded to pinned host memory (needs a backend with it) |
+======================================  ====================================================================
+name                                    keeps
+======================================  ====================================================================
+``nothing_saveable`` (default)          nothing but the region's inputs
+``dots_saveable``                       results of all matmuls
+``dots_with_no_batch_dims_saveable``    results of matmuls without batch dimensions (the weight matmuls)
+``everything_saveable``                 everything (no saving; for testing)
+``save_projections``                    the tagged q, k, v and the projected K̄ = E·K, V̄ = F·V (``checkpoint_name``)
+``offload_dots``                        weight-matmul results, offloaded to pinned host memory (needs a backend with it)
+======================================  ====================================================================
 
 The parameter tree does not depend on the level: rematerialised modules keep their explicit names, so a
 checkpoint saved at C0 loads at C1 and C2.
@@ -39,9 +43,12 @@ import jax.numpy as jnp
 
 from linformer_jax._validate import check_choice
 
+#: The checkpoint levels (see the module docstring).
 REMAT_LEVELS = ("C0", "C1", "C2")
+#: The names of ``remat_policy``: what a rematerialised region may keep (see the table above).
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "everything_saveable", "save_projections", "offload_dots")
+#: The ``checkpoint_name`` tags the ``save_projections`` policy keeps: q, k, v and the projected K̄, V̄.
 SAVED_PROJECTION_NAMES = ("query", "key", "value", "k_bar", "v_bar")
 
 
@@ -58,7 +65,30 @@ def validate_remat(level: str, policy: str) -> None:
 
 
 def checkpoint_policy(name: str) -> Optional[Callable]:
-  """The ``jax.checkpoint`` policy for a name in ``REMAT_POLICIES``."""
+  """The ``jax.checkpoint`` policy for a name in ``REMAT_POLICIES``.
+
+  Args:
+    name: a policy name (see the table in the module docstring).
+
+  Returns:
+    The policy, for ``jax.checkpoint(..., policy=...)`` or ``nn.remat(..., policy=...)``.
+
+  Raises:
+    ValueError: ``name`` is not in ``REMAT_POLICIES``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from linformer_jax.remat import checkpoint_policy
+    >>> f = lambda x: jnp.sum(jnp.tanh(x @ x))
+    >>> g = jax.checkpoint(f, policy=checkpoint_policy("dots_with_no_batch_dims_saveable"))
+    >>> x = jnp.ones((4, 4)) / 4
+    >>> bool(jnp.allclose(jax.grad(g)(x), jax.grad(f)(x)))  # same gradient, other residuals kept
+    True
+    >>> checkpoint_policy("save_everything")
+    Traceback (most recent call last):
+    ...
+    ValueError: ...
+  """
   check_choice("remat_policy", name, REMAT_POLICIES)
   policies = jax.checkpoint_policies
   if name == "save_projections":
@@ -75,9 +105,12 @@ class RematPlan:
   Attributes:
     level: "C0" | "C1" | "C2".
     policy: what rematerialised regions keep (``REMAT_POLICIES``).
-  Properties: ``layer_region`` (C2: each layer is one region), ``sublayer_regions`` (C1: each sub-layer is one
-  region), ``per_head`` (C2: the attention core one head at a time), ``chunked_ff`` (C2: the feed-forward in
-  sequence chunks).
+
+  Examples:
+    >>> from linformer_jax.remat import RematPlan
+    >>> plan = RematPlan("C2")
+    >>> plan.layer_region, plan.sublayer_regions, plan.per_head, plan.chunked_ff
+    (True, False, True, True)
   """
   level: str = "C0"
   policy: str = "nothing_saveable"
@@ -87,18 +120,22 @@ class RematPlan:
 
   @property
   def layer_region(self) -> bool:
+    """C2: each layer is one remat region."""
     return self.level == "C2"
 
   @property
   def sublayer_regions(self) -> bool:
+    """C1: each sub-layer is one remat region."""
     return self.level == "C1"
 
   @property
   def per_head(self) -> bool:
+    """C2: the attention core runs one head at a time."""
     return self.level == "C2"
 
   @property
   def chunked_ff(self) -> bool:
+    """C2: the feed-forward runs in sequence chunks."""
     return self.level == "C2"
 
   def _region(self, on: bool, target, static_argnums: tuple[int, ...], scanned: bool):

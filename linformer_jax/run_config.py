@@ -20,9 +20,11 @@ from ml_collections import config_dict
 
 from linformer_jax._validate import check_bool, check_choice, check_int
 
+#: Values of ``config.parallel`` (see ``linformer_jax.parallel``).
 PARALLEL_MODES = ("jit", "pmap")
+#: The required config sections (ConfigDicts of their own).
 SECTIONS = ("data", "optimizer", "model")
-# Top-level fields that were replaced, and what to write instead.
+#: Top-level fields that were replaced → the error message saying what to write instead.
 RENAMED_FIELDS = {
     "compute_dtype": ("compute_dtype was replaced by model.dtype (the compute dtype: 'float32', 'bfloat16' or "
                       "'float16') and model.param_dtype (the dtype parameters are stored in); remove compute_dtype "

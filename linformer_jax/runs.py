@@ -31,8 +31,11 @@ import ml_collections
 from linformer_jax.checkpoint import CheckpointMismatchError, CheckpointReader
 from linformer_jax.steps import build_model, model_inputs
 
+#: File name of a run's configuration in its workdir.
 CONFIG_FILE = "config.json"
+#: File name of a run's dataset info (``Dataset.info``) in its workdir.
 DATASET_INFO_FILE = "dataset_info.json"
+#: Name of a run's checkpoints directory in its workdir.
 CHECKPOINTS_DIR = "checkpoints"
 
 

@@ -31,11 +31,11 @@ from linformer_jax.models import create_model, list_models
 from linformer_jax.models.registry import model_fields, unknown_fields_message
 from linformer_jax.optim import current_learning_rate
 
-# model.name → the data kind it trains on; every other registered name is an image model.
+#: model.name → the data kind it trains on; every other registered name is an image model.
 DATA_KIND_OF_MODEL = {"linformer_lm": "mlm", "linformer_classifier": "classification",
                       "linformer_encdec": "seq2seq", "linformer_base": "mlm", "linformer_large": "mlm",
                       "linformer_base_classifier": "classification", "linformer_large_classifier": "classification"}
-# Model fields set from the dataset's info (never from the model config).
+#: Model fields set from the dataset's info (never from the model config), by data kind.
 FIELDS_FROM_DATA = {"mlm": ("vocab_size", "max_len"), "classification": ("num_classes", "vocab_size", "max_len"),
                     "seq2seq": ("vocab_size", "max_len"), "image": ("num_classes",)}
 

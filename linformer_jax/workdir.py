@@ -14,8 +14,10 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+#: Directory of JAX's persistent compilation cache when none is configured (``~`` is expanded when used).
 DEFAULT_COMPILATION_CACHE_DIR = os.path.join("~", ".cache", "linformer_jax", "jax_cache")
-DISK_SPACE_MARGIN_BYTES = 16 << 20  # beyond the two checkpoints a run keeps while writing a third
+#: Free space required beyond two checkpoints (the kept one and the one being written) by ``check_disk_space``.
+DISK_SPACE_MARGIN_BYTES = 16 << 20
 
 
 def prepare_workdir(workdir: pathlib.Path) -> None:

@@ -1,5 +1,7 @@
 """Reading PyTorch-style checkpoints into ``{name: np.ndarray}`` without trusting their contents.
 
+Usage::
+
     state_dict = load_state_dict("xcit_nano_12_p16_224.safetensors")   # no torch needed
     state_dict = load_state_dict("xcit_nano_12_p16_224.pth")           # needs torch; weights_only=True
 
@@ -17,11 +19,16 @@ from typing import Any, Mapping
 
 import numpy as np
 
+#: File suffixes read with ``safetensors.numpy`` (no torch needed).
 SAFETENSORS_SUFFIXES = (".safetensors",)
+#: File suffixes of ``torch.save`` pickles, loaded with ``torch.load(..., weights_only=True)``.
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+#: Every suffix :func:`load_state_dict` accepts (compared case-insensitively).
 ALLOWED_SUFFIXES = SAFETENSORS_SUFFIXES + TORCH_SUFFIXES
+#: Keys of a checkpoint wrapper dict whose value is the state_dict, tried in this order.
 WRAPPER_KEYS = ("model", "state_dict")
 
+#: Python code, shown in the error for a ``.pth`` file when torch is missing, that converts it to safetensors.
 TO_SAFETENSORS_SNIPPET = """\
 import torch, safetensors.torch
 sd = torch.load("model.pth", map_location="cpu", weights_only=True)

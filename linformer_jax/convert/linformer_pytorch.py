@@ -4,7 +4,7 @@ Pure numpy + JAX: torch is never imported. Produce the input once in a PyTorch e
 ``{k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}``.
 
 Layout of the PyTorch state_dict (post-LN; per layer i, ``a = 2i`` and ``f = 2i + 1``, or ``a = i`` when
-``include_ff=False``):
+``include_ff=False``)::
 
     seq.{a}.fn.to_{q,k,v}.{h}.weight   (d_h, channels)        per-head Q/K/V maps, no bias
     seq.{a}.fn.w_o.{weight,bias}        (channels, h·d_h), (channels,)
@@ -22,7 +22,7 @@ A module shared in PyTorch is listed under every path that reaches it: with ``pa
 ``"layerwise"`` one E = F for all heads of all layers. The converter reads the first occurrence and checks
 that every other one is present and equal.
 
-Mapping to the Flax tree (``W`` = PyTorch weight):
+Mapping to the Flax tree (``W`` = PyTorch weight)::
 
     to_q.{h}.weight        → layer_i/attention/query/kernel[:, h, :] = Wᵀ        (channels, h, d_h)
     w_o.weight             → layer_i/attention/out/kernel = Wᵀ.reshape(h, d_h, channels)
@@ -273,6 +273,27 @@ def from_linformer_pytorch(state_dict: Mapping[str, Any], *, input_size: int, ch
 
   With ``parameter_sharing="layerwise"`` the PyTorch model ignores ``k_reduce_by_layer`` (every layer reuses
   the single E of width dim_k); the converter warns and converts with ``k_reduce_by_layer=0``.
+
+  Examples:
+    A state_dict with the keys of ``Linformer(input_size=16, channels=8, dim_k=4, nhead=1, depth=1,
+    include_ff=False)`` (default ``parameter_sharing="layerwise"``: E and F are one shared module), here
+    random numpy arrays instead of a trained model's:
+
+    >>> import numpy as np
+    >>> from linformer_jax.convert import from_linformer_pytorch
+    >>> rng = np.random.default_rng(0)
+    >>> w = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    >>> sd = {f"seq.0.fn.{m}.0.weight": w(8, 8) for m in ("to_q", "to_k", "to_v")}
+    >>> sd |= {"seq.0.fn.w_o.weight": w(8, 8), "seq.0.fn.w_o.bias": w(8),
+    ...        "seq.0.norm.weight": w(8), "seq.0.norm.bias": w(8)}
+    >>> shared = {"weight": w(4, 16), "bias": w(4)}
+    >>> sd |= {f"seq.0.fn.heads.0.{m}.{p}": a for m in "EF" for p, a in shared.items()}
+    >>> module, variables = from_linformer_pytorch(sd, input_size=16, channels=8, dim_k=4, nhead=1,
+    ...                                            include_ff=False)
+    >>> variables["params"]["EF"]["kernel"].shape  # Wᵀ of the shared nn.Linear(16, 4)
+    (16, 4)
+    >>> module.apply(variables, np.ones((2, 16, 8), np.float32)).shape
+    (2, 16, 8)
   """
   _reject_unsupported(decoder_mode, causal, ff_intermediate, method)
   _check_option("activation", activation, ("gelu", "relu"))

@@ -1,5 +1,7 @@
 """Load timm / official (facebookresearch/xcit) XCiT weights into ``linformer_jax.models.xcit.XCiT``.
 
+Usage::
+
     from linformer_jax.convert import load_state_dict, from_timm_xcit
     module, variables = from_timm_xcit(load_state_dict("xcit_nano_12_p16_224.safetensors"), "xcit_nano_12_p16_224")
     logits = module.apply(variables, images_nhwc)          # images (B, H, W, 3), H and W multiples of 16
@@ -7,14 +9,16 @@
 Pure numpy + JAX: torch is never imported (``load_state_dict`` only imports it for ``.pth`` files).
 
 Accepted layouts (C = embed_dim, h heads, d_h = C / h):
-  * timm (``timm.create_model(...).state_dict()``, HF hub ``timm/xcit_*``): ``pos_embed.*``; class attention as
-    separate ``cls_attn_blocks.j.attn.{q,k,v}.{weight,bias}`` (C, C), (C,).
-  * official (``dl.fbaipublicfiles.com/xcit/*.pth``): ``{"model": state_dict, ...}``; ``pos_embeder.*``; class
-    attention fused ``cls_attn_blocks.j.attn.qkv.{weight,bias}`` (3C, C), (3C,), rows q | k | v.
-  A ``{"model": ...}`` / ``{"state_dict": ...}`` wrapper, a DistributedDataParallel ``module.`` prefix and the
-  BatchNorm ``num_batches_tracked`` counters are removed.
 
-Mapping (PyTorch tensor W → Flax leaf; every shape is checked against ``jax.eval_shape(module.init, ...)``):
+* timm (``timm.create_model(...).state_dict()``, HF hub ``timm/xcit_*``): ``pos_embed.*``; class attention as
+  separate ``cls_attn_blocks.j.attn.{q,k,v}.{weight,bias}`` (C, C), (C,).
+* official (``dl.fbaipublicfiles.com/xcit/*.pth``): ``{"model": state_dict, ...}``; ``pos_embeder.*``; class
+  attention fused ``cls_attn_blocks.j.attn.qkv.{weight,bias}`` (3C, C), (3C,), rows q | k | v.
+
+A ``{"model": ...}`` / ``{"state_dict": ...}`` wrapper, a DistributedDataParallel ``module.`` prefix and the
+BatchNorm ``num_batches_tracked`` counters are removed.
+
+Mapping (PyTorch tensor W → Flax leaf; every shape is checked against ``jax.eval_shape(module.init, ...)``)::
 
     conv (O, I, kh, kw), depthwise (C, 1, 3, 3)   → kernel W.transpose(2, 3, 1, 0): (kh, kw, I, O) / (3, 3, 1, C)
       patch_embed.proj.{2i}.0.weight              → patch_embed/conv_i/kernel
@@ -51,6 +55,7 @@ from linformer_jax.convert.io import _to_numpy, unwrap_state_dict
 from linformer_jax.models.registry import create_model
 from linformer_jax.models.xcit import XCiT
 
+#: The Flax variable collections of an ``XCiT`` (``batch_stats`` holds the BatchNorm running statistics).
 COLLECTIONS = ("params", "batch_stats")
 _MAX_LISTED = 20
 

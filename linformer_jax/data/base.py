@@ -27,10 +27,12 @@ import numpy as np
 
 from linformer_jax._validate import check_choice, check_int
 
+#: A batch: field name → numpy array with the rows as leading axis (e.g. ``"inputs"``, ``"mask"``, ``"label"``).
 Batch = Dict[str, np.ndarray]
 
-# Stream tags of the per-example random generators (see the module docstring).
+#: Stream tag (second seed word) of the per-example generators of training rows (see the module docstring).
 TRAIN_STREAM = 0
+#: Stream tag (second seed word) of the per-example generators of evaluation examples.
 EVAL_STREAM = 1
 
 

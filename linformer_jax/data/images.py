@@ -31,12 +31,19 @@ import numpy as np
 from linformer_jax._validate import check_bool, check_choice, check_int
 from linformer_jax.data.base import TRAIN_STREAM, Batch, Dataset, row_rng
 
+#: Number of classes of both digits and CIFAR-10.
 NUM_CLASSES = 10
+#: Number of digits images (the last ones) in the eval split; the first 1,500 are train.
 DIGITS_NUM_EVAL = 297
+#: The CIFAR-10 training pickles inside ``cifar-10-batches-py``.
 CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+#: The CIFAR-10 test pickle, used as the eval split.
 CIFAR_TEST_FILE = "test_batch"
+#: The optional CIFAR-10 pickle holding the label names.
 CIFAR_META_FILE = "batches.meta"
+#: Default side length, in pixels, of the (square) images fed to the model.
 DEFAULT_IMAGE_SIZE = 32
+#: Default zero padding, in pixels per side, before the random crop of the augmentation.
 DEFAULT_CROP_PADDING = 4
 
 

@@ -50,28 +50,44 @@ import numpy as np
 from linformer_jax._validate import check_int
 from linformer_jax.data.base import Batch, Dataset, atomic_save_npz, resolve_cache_dir
 
+#: The operator tokens, in vocabulary order.
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
-VALUE_P = 0.25  # LRA: r > VALUE_P → leaf; so an operator with probability 0.25.
+#: A node below ``max_depth`` is an operator when its uniform draw ``r <= VALUE_P``, else a digit leaf (as LRA).
+VALUE_P = 0.25
+#: The LRA ListOps task name, the prefix of the TSV file names.
 TASK = "basic"
+#: File name of each split's TSV (LRA naming).
 SPLIT_FILES = {"train": f"{TASK}_train.tsv", "val": f"{TASK}_val.tsv", "test": f"{TASK}_test.tsv"}
+#: The header row of an LRA ListOps TSV file.
 HEADER = ("Source", "Target")
+#: Number of label classes (the values 0–9).
 NUM_CLASSES = 10
 
+#: Token id of padding.
 PAD_ID = 0
+#: The fixed vocabulary: ``VOCAB[i]`` is the token of id ``i``.
 VOCAB: Tuple[str, ...] = ("<pad>",) + tuple(str(d) for d in range(10)) + OPERATORS + ("X", "<oov>")
+#: Token → id for the real tokens (``<pad>`` and ``<oov>`` excluded).
 TOKEN_TO_ID: Dict[str, int] = {t: i for i, t in enumerate(VOCAB) if not t.startswith("<")}
+#: Token id of any token not in the vocabulary.
 OOV_ID = VOCAB.index("<oov>")
-VOCAB_SIZE = len(VOCAB)  # 17
+#: Size of the vocabulary (17).
+VOCAB_SIZE = len(VOCAB)
 
-# LRA defaults.
+#: LRA's number of examples per split.
 DEFAULT_COUNTS = {"train": 96_000, "val": 2_000, "test": 2_000}
+#: LRA's lower bound on a tree's length (kept trees are strictly longer).
 DEFAULT_MIN_TREE_LENGTH = 500
+#: LRA's upper bound on a tree's length (kept trees are strictly shorter).
 DEFAULT_MAX_TREE_LENGTH = 2000
+#: LRA's maximum tree depth.
 DEFAULT_MAX_DEPTH = 10
+#: LRA's maximum number of arguments of an operator.
 DEFAULT_MAX_ARGS = 10
+#: LRA's model sequence length: every example is truncated or padded to it.
 DEFAULT_MAX_LEN = 2000
 
-# Arguments renamed so that the tree lengths cannot be confused with the model's max_len: old → new name.
+#: Arguments renamed so that the tree lengths cannot be confused with the model's ``max_len``: old → new name.
 RENAMED_ARGS = {"min_length": "min_tree_length", "max_length": "max_tree_length"}
 
 _CACHE_VERSION = 1

@@ -1,12 +1,14 @@
 """Byte-level masked language modelling (BERT-style masking) over local text files.
 
 Corpus (`data.path`):
-  * None: the Python standard library's own source, ``*.py`` under ``sysconfig.get_paths()["stdlib"]``
-    (``site-packages``/``dist-packages`` excluded), sorted by relative POSIX path. Nothing is downloaded;
-    the corpus therefore depends on the Python version (e.g. 3.11.7 here).
-  * a file: that file;
-  * a directory: every ``*.py`` and ``*.txt`` below it (recursively), sorted by relative POSIX path;
-  * a glob (contains ``*``, ``?`` or ``[``): the matching files (``recursive=True``), sorted.
+
+* None: the Python standard library's own source, ``*.py`` under ``sysconfig.get_paths()["stdlib"]``
+  (``site-packages``/``dist-packages`` excluded), sorted by relative POSIX path. Nothing is downloaded;
+  the corpus therefore depends on the Python version (e.g. 3.11.7 here).
+* a file: that file;
+* a directory: every ``*.py`` and ``*.txt`` below it (recursively), sorted by relative POSIX path;
+* a glob (contains ``*``, ``?`` or ``[``): the matching files (``recursive=True``), sorted.
+
 Files are read as raw bytes, in order, joined with a single NUL byte (0, the document separator), and
 cut at `max_bytes` (default 20 MB) so start-up stays fast. The byte array is cached as
 ``<cache_dir>/mlm/<sha1>.npy``, keyed by the files' paths, sizes and mtimes and `max_bytes`.
@@ -40,14 +42,23 @@ import numpy as np
 from linformer_jax._validate import check_int, check_rate
 from linformer_jax.data.base import EVAL_STREAM, TRAIN_STREAM, Batch, Dataset, row_rng
 
+#: Token id of padding (ids 0..255 are the bytes).
 PAD_ID = 256
+#: Token id of the ``[MASK]`` token.
 MASK_ID = 257
+#: Size of the vocabulary: 256 bytes, PAD and MASK.
 VOCAB_SIZE = 258
+#: The byte placed between two files of the corpus.
 SEPARATOR = b"\x00"
+#: Suffixes of the files read from a corpus directory.
 TEXT_SUFFIXES = (".py", ".txt")
+#: Default length, in bytes, of an example (a chunk of the corpus).
 DEFAULT_MAX_LEN = 512
+#: Default cap on the number of corpus bytes read.
 DEFAULT_MAX_BYTES = 20_000_000
+#: Default probability that a real position is selected for prediction.
 DEFAULT_MASK_RATE = 0.15
+#: Upper bound of the default number of eval chunks, ``min(MAX_DEFAULT_EVAL, max(1, C // 20))``.
 MAX_DEFAULT_EVAL = 1000
 _CACHE_VERSION = 1
 _GLOB_CHARS = "*?["

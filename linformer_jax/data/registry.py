@@ -21,6 +21,7 @@ from linformer_jax._validate import check_choice, check_fields
 from linformer_jax.data import images, listops, mlm
 from linformer_jax.data.base import Dataset, resolve_cache_dir
 
+#: Names accepted by :func:`make_dataset` and :func:`default_data_config`.
 DATASETS = ("listops", "mlm", "digits", "cifar10")
 
 _CLASSES = {"listops": listops.ListOpsDataset, "mlm": mlm.MLMDataset, "digits": images.ImageDataset,

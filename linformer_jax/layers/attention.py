@@ -28,11 +28,15 @@ from linformer_jax._validate import check_choice, check_int, check_length, check
 from linformer_jax.layers.dense import flat_dot_general
 from linformer_jax.layers.projections import PROJECTIONS, SeqProjection, check_projected_length
 # The kernel lives in softmax_kernel; its public names stay importable from here.
-from linformer_jax.layers.softmax_kernel import (IMPLEMENTATIONS, attention_weights, check_kernel_args,
-                                                 default_block_rows, default_implementation, softmax_attention,
-                                                 softmax_last)
+from linformer_jax.layers import softmax_kernel as _softmax_kernel
+from linformer_jax.layers.softmax_kernel import (attention_weights, check_kernel_args, default_block_rows,
+                                                 default_implementation, softmax_attention, softmax_last)
 from linformer_jax.remat import REMAT_POLICIES
 
+#: The kernel's implementations (``softmax_kernel.IMPLEMENTATIONS``, re-exported): "xla" | "dot_product_attention".
+IMPLEMENTATIONS = _softmax_kernel.IMPLEMENTATIONS
+
+#: Parameter-sharing modes of the E/F projections, from none to one matrix for the whole network (Sec. 4).
 SHARING = ("none", "headwise", "kv", "layerwise")
 
 __all__ = ["SHARING", "FullSelfAttention", "LinformerSelfAttention", "IMPLEMENTATIONS", "attention_weights",
@@ -138,11 +142,23 @@ class _MultiHead(nn.Module):
 class FullSelfAttention(_MultiHead):
   """Ordinary multi-head softmax attention (O(n²)), via ``softmax_attention``.
 
-  Attributes (besides those of ``_MultiHead``):
+  Attributes:
     causal: position i attends only to positions <= i.
-  Call: ``(x, context=None, mask=None, deterministic=True)``; x (batch, t, dim) queries; context
-  (batch, s, dim_c) keys/values (default x); mask (batch, s) bool over keys, True = real token.
-  Returns (batch, t, out_dim).
+    num_heads: number of heads h.
+    head_dim: width d_h of each head; None = input dim // num_heads.
+    qkv_bias: biases on the Q/K/V maps (ViT style; the Linformer original has none).
+    remat_heads: compute the attention core one head at a time under ``jax.checkpoint`` (level C2).
+    remat_policy: the checkpoint policy name used then (one of ``linformer_jax.remat.REMAT_POLICIES``).
+    out_dim: output width; None = input width.
+    w_o_intermediate_dim: None = W^O is one (h·d_h → out) map; an int w = two maps h·d_h → w → out with no
+      nonlinearity between (linformer-pytorch's ``w_o_intermediate_dim``).
+    attention_dropout: dropout on the attention weights (train mode only).
+    attention_impl: the kernel's implementation, one of ``IMPLEMENTATIONS`` ("xla" | "dot_product_attention");
+      None = the default for the backend and dtype (``default_implementation``).
+    attention_block_rows: queries per block of the "xla" kernel; None = the backend's default
+      (``default_block_rows``: blocks only for large scores on the CPU), 0 = never block.
+    dtype: the computation dtype (matmul operands).
+    param_dtype: the dtype parameters are stored in.
   """
   causal: bool = False
 
@@ -152,6 +168,17 @@ class FullSelfAttention(_MultiHead):
 
   @nn.compact
   def __call__(self, x, context=None, mask=None, deterministic: bool = True):
+    """Attends from the queries ``x`` to ``context`` (default: ``x`` itself).
+
+    Args:
+      x: queries, (batch, t, dim).
+      context: keys/values, (batch, s, dim_c); None = ``x`` (self-attention).
+      mask: (batch, s) bool over the keys, True = real token; None = no padding.
+      deterministic: False applies ``attention_dropout`` (needs a ``"dropout"`` rng).
+
+    Returns:
+      (batch, t, out_dim).
+    """
     context = self._inputs(x, context, mask)
     q, k, v = self._qkv(x, context)
     o = softmax_attention(q, k, v, key_mask=mask, is_causal=self.causal,
@@ -164,16 +191,42 @@ class FullSelfAttention(_MultiHead):
 class LinformerSelfAttention(_MultiHead):
   """Linformer multi-head attention: keys/values projected from n to k along the sequence (Eq. 7).
 
-  Attributes (besides those of ``_MultiHead``):
+  Attributes:
     max_len: largest key/value length n (E, F are built for it).
     k: projected length.
-    sharing: "none" | "headwise" | "kv" | "layerwise" (the last needs ``shared_projection``).
+    sharing: one of ``SHARING``: "none" | "headwise" | "kv" | "layerwise" (the last needs ``shared_projection``).
     projection: "learnable" | "conv" | "mean_pool" | "max_pool" | "fixed" (see ``SeqProjection``).
     projection_bias: bias on E/F (linformer-pytorch compatibility; the paper has none).
     shared_projection: the network-wide ``SeqProjection`` used as E and F when sharing="layerwise".
-  Call: ``(x, context=None, mask=None, deterministic=True)``; x (batch, t, dim) queries; context
-  (batch, n, dim_c) keys/values (default x, i.e. self-attention), n <= max_len; mask (batch, n) bool,
-  True = real token. Returns (batch, t, out_dim).
+    num_heads: number of heads h.
+    head_dim: width d_h of each head; None = input dim // num_heads.
+    qkv_bias: biases on the Q/K/V maps (ViT style; the Linformer original has none).
+    remat_heads: compute the attention core one head at a time under ``jax.checkpoint`` (level C2).
+    remat_policy: the checkpoint policy name used then (one of ``linformer_jax.remat.REMAT_POLICIES``).
+    out_dim: output width; None = input width.
+    w_o_intermediate_dim: None = W^O is one (h·d_h → out) map; an int w = two maps h·d_h → w → out with no
+      nonlinearity between (linformer-pytorch's ``w_o_intermediate_dim``).
+    attention_dropout: dropout on the attention weights (train mode only).
+    attention_impl: the kernel's implementation, one of ``IMPLEMENTATIONS`` ("xla" | "dot_product_attention");
+      None = the default for the backend and dtype (``default_implementation``).
+    attention_block_rows: queries per block of the "xla" kernel; None = the backend's default
+      (``default_block_rows``: blocks only for large scores on the CPU), 0 = never block.
+    dtype: the computation dtype (matmul operands).
+    param_dtype: the dtype parameters are stored in.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from linformer_jax.layers import LinformerSelfAttention
+    >>> layer = LinformerSelfAttention(num_heads=4, max_len=64, k=16)
+    >>> x = jnp.ones((2, 64, 32))
+    >>> variables = layer.init(jax.random.key(0), x)
+    >>> variables["params"]["E"]["kernel"].shape  # one (max_len, k) projection per head
+    (4, 64, 16)
+    >>> layer.apply(variables, x).shape
+    (2, 64, 32)
+    >>> mask = jnp.arange(48)[None, :] < jnp.array([[48], [30]])  # shorter inputs, with padding
+    >>> layer.apply(variables, jnp.ones((2, 48, 32)), mask=mask).shape
+    (2, 48, 32)
   """
   max_len: int = 512
   k: int = 128
@@ -206,6 +259,18 @@ class LinformerSelfAttention(_MultiHead):
 
   @nn.compact
   def __call__(self, x, context=None, mask=None, deterministic: bool = True):
+    """Attends from the queries ``x`` to the k projected positions of ``context`` (default: ``x`` itself).
+
+    Args:
+      x: queries, (batch, t, dim).
+      context: keys/values, (batch, n, dim_c) with n <= ``max_len``; None = ``x`` (self-attention).
+      mask: (batch, n) bool, True = real token; keys and values at padded positions are zeroed before the
+        projection.
+      deterministic: False applies ``attention_dropout`` (needs a ``"dropout"`` rng).
+
+    Returns:
+      (batch, t, out_dim).
+    """
     context = self._inputs(x, context, mask)
     check_length("context" if context is not x else "x", context.shape[1], self.max_len)
     q, k, v = self._qkv(x, context)

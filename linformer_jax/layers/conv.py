@@ -18,13 +18,17 @@ import jax.numpy as jnp
 
 
 class DepthwiseConv2D(nn.Module):
-  """Attributes: kernel_size (kh, kw), odd; stride 1, "same" zero padding; use_bias.
+  """Depthwise 2-D convolution, stride 1, "same" zero padding; parameters as ``nn.Conv(..., feature_group_count=C)``.
 
-  Call: x (batch, H, W, C) → (batch, H, W, C).
+  Attributes:
+    kernel_size: (kh, kw), both odd.
+    use_bias: add a per-channel bias.
   """
   kernel_size: tuple[int, int] = (3, 3)
   use_bias: bool = True
+  #: The computation dtype: inputs and parameters are cast to it.
   dtype: Any = jnp.float32
+  #: The dtype parameters are stored in.
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -34,6 +38,7 @@ class DepthwiseConv2D(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    """Convolves each channel of x (batch, H, W, C) with its own kernel; returns (batch, H, W, C)."""
     kh, kw = self.kernel_size
     c = x.shape[-1]
     kernel = self.param("kernel", nn.linear.default_kernel_init, (kh, kw, 1, c), self.param_dtype)

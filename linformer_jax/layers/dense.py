@@ -23,8 +23,8 @@ def flat_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precisio
                      preferred_element_type=None) -> jax.Array:
   """``lax.dot_general`` with the same result; a dense-map contraction runs as a 2-D product.
 
-  lhs: (*lead, *contract) — contracting its trailing axes; rhs: (*contract, *out) — contracting its leading
-  axes, in the same order; no batch axes. Anything else (batch axes, other orders) goes to
+  lhs: ``(*lead, *contract)`` — contracting its trailing axes; rhs: ``(*contract, *out)`` — contracting its
+  leading axes, in the same order; no batch axes. Anything else (batch axes, other orders) goes to
   ``lax.dot_general`` unchanged.
   """
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers

@@ -10,6 +10,7 @@ import numpy as np
 
 from linformer_jax._validate import check_choice, check_int, check_length
 
+#: Position-embedding kinds of ``TokenEmbedder``: a trainable table or the fixed ``sinusoidal_positions``.
 POS_EMBS = ("learned", "sinusoidal")
 
 
@@ -28,17 +29,22 @@ def sinusoidal_positions(n: int, dim: int, base: float = 10000.0) -> np.ndarray:
 class TokenEmbedder(nn.Module):
   """Token embedding plus absolute position embedding.
 
-  Attributes: vocab_size; dim; max_len; pos_emb "learned" (trainable (max_len, dim) table, N(0, 0.02)) or
-  "sinusoidal" (fixed, ``sinusoidal_positions``); pos_emb_base for the sinusoidal table.
-  Call: ``(tokens)`` with tokens (batch, n) int, n <= max_len; returns (batch, n, dim).
-  ``attend(h)`` maps (…, dim) back to vocabulary logits with the transposed embedding (weight tying).
+  Attributes:
+    vocab_size: number of token ids.
+    dim: embedding width.
+    max_len: longest sequence accepted.
+    pos_emb: "learned" (trainable (max_len, dim) table, N(0, 0.02)) or "sinusoidal" (fixed,
+      ``sinusoidal_positions``).
+    pos_emb_base: base of the sinusoidal table's frequencies.
   """
   vocab_size: int
   dim: int
   max_len: int
   pos_emb: str = "learned"
   pos_emb_base: float = 10000.0
+  #: The computation dtype: inputs and parameters are cast to it.
   dtype: Any = jnp.float32
+  #: The dtype parameters are stored in.
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -54,6 +60,18 @@ class TokenEmbedder(nn.Module):
                                  self.param_dtype)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
+    """Embeds token ids and adds the position embedding of positions 0..n-1.
+
+    Args:
+      tokens: int array (batch, n), n <= ``max_len``.
+
+    Returns:
+      (batch, n, dim) embeddings in ``dtype``.
+
+    Raises:
+      TypeError: ``tokens`` is not a 2-D integer array.
+      ValueError: n > ``max_len``.
+    """
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise TypeError(f"tokens must be an int array of shape (batch, n), got {tokens.dtype} {tokens.shape}.")
     n = tokens.shape[1]
@@ -65,4 +83,8 @@ class TokenEmbedder(nn.Module):
     return self.token(tokens) + pos.astype(self.dtype)[None]
 
   def attend(self, h: jax.Array) -> jax.Array:
+    """Maps hidden states (..., dim) to vocabulary logits (..., vocab_size) with the transposed token embedding.
+
+    Used for weight tying: the output layer shares the token embedding matrix.
+    """
     return self.token.attend(h)

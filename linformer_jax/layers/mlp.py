@@ -15,11 +15,11 @@ _SQRT_HALF = 0.7071067811865476  # 1/√2
 
 
 def exact_gelu(x: jax.Array) -> jax.Array:
-  """GELU(x) = x·Φ(x) = ½·x·(1 + erf(x/√2)): the exact (erf) GELU, by the formula of torch's CPU kernel.
+  """``GELU(x) = x·Φ(x) = ½·x·(1 + erf(x/√2))``: the exact (erf) GELU, by the formula of torch's CPU kernel.
 
   Same function as ``jax.nn.gelu(x, approximate=False)``, which evaluates ½·x·erfc(−x/√2); XLA:CPU computes erf
   about twice as fast as erfc (forward and backward of the FF activation). The two agree to ~1e-6 absolute; the erf
-  form loses relative precision only where |GELU(x)| < 1e-5 (x < −4.4), as torch's does. Written as
+  form loses relative precision only where ``|GELU(x)| < 1e-5`` (x < −4.4), as torch's does. Written as
   h + h·erf(x/√2) with h = x/2: one scalar constant fewer for XLA:CPU's fused kernels, which take each scalar as
   a full (tokens, dim_ff) array (timings: docs/benchmarks.md §2, "GELU without the "1 +"").
   """
@@ -27,6 +27,7 @@ def exact_gelu(x: jax.Array) -> jax.Array:
   return half + half * jax.lax.erf(x * _SQRT_HALF)
 
 
+#: Activation functions of ``FeedForward`` by name; "gelu" is the exact (erf) GELU, as torch's ``nn.GELU()``.
 ACTIVATIONS = {
     "gelu": exact_gelu,  # exact (erf) GELU, as torch's F.gelu / nn.GELU()
     "relu": jax.nn.relu,
@@ -44,20 +45,25 @@ def sequence_chunks(n: int, dim: int, dim_ff: int) -> int:
 
 
 class FeedForward(nn.Module):
-  """Attributes: dim_ff hidden width; activation "gelu" | "relu"; dropout rate on both dropouts.
+  """Position-wise feed-forward network: Dense(dim_ff) → activation → dropout → Dense(dim) → dropout.
 
-  remat_chunks (level C2): run over the sequence axis (-2) in ``sequence_chunks`` pieces, each under
-  ``jax.checkpoint`` with ``remat_policy``, so only one chunk's (n/chunks × dim_ff) hidden activations are
-  live in the backward pass. Same parameters and (without dropout) the same values as unchunked.
-
-  Call: ``(x, deterministic=True)`` with x (..., n, dim); returns (..., n, dim).
+  Attributes:
+    dim_ff: hidden width.
+    activation: a key of ``ACTIVATIONS``, "gelu" | "relu".
+    dropout: rate of both dropouts.
+    remat_chunks: (level C2) run over the sequence axis (-2) in ``sequence_chunks`` pieces, each under
+      ``jax.checkpoint`` with ``remat_policy``, so only one chunk's (n/chunks × dim_ff) hidden activations are
+      live in the backward pass. Same parameters and (without dropout) the same values as unchunked.
+    remat_policy: the checkpoint policy name of the chunks (one of ``linformer_jax.remat.REMAT_POLICIES``).
   """
   dim_ff: int
   activation: str = "gelu"
   dropout: float = 0.0
   remat_chunks: bool = False
   remat_policy: str = "nothing_saveable"
+  #: The computation dtype: inputs and parameters are cast to it.
   dtype: Any = jnp.float32
+  #: The dtype parameters are stored in.
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -79,6 +85,15 @@ class FeedForward(nn.Module):
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
+    """Applies the network to every position of ``x``.
+
+    Args:
+      x: (..., n, dim).
+      deterministic: False applies dropout (needs a ``"dropout"`` rng).
+
+    Returns:
+      (..., n, dim).
+    """
     if not self.remat_chunks or x.ndim < 2:
       return self._ff(self, x, deterministic)
     n, dim = x.shape[-2:]

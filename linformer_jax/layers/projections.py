@@ -29,8 +29,10 @@ import jax.numpy as jnp
 
 from linformer_jax._validate import check_choice, check_int
 
+#: The projection methods of ``SeqProjection`` (see the module docstring).
 PROJECTIONS = ("learnable", "conv", "mean_pool", "max_pool", "fixed")
-CONSTANTS = "constants"  # collection of non-trainable variables (the fixed random projection)
+#: Name of the variable collection of non-trainable variables (the ``fixed`` random projection).
+CONSTANTS = "constants"
 
 
 def pool_window(max_len: int, k: int) -> int:
@@ -68,7 +70,9 @@ class SeqProjection(nn.Module):
   method: str = "learnable"
   num_heads: Optional[int] = None
   use_bias: bool = False
+  #: The computation dtype: inputs and parameters are cast to it.
   dtype: Any = jnp.float32
+  #: The dtype parameters are stored in.
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from linformer_jax._validate import check_choice, check_int
 from linformer_jax.remat import map_heads
 
+#: The implementations of ``softmax_attention``: heads-first einsums, or ``jax.nn.dot_product_attention``.
 IMPLEMENTATIONS = ("xla", "dot_product_attention")
 
 # Defaults of ``default_block_rows`` only (bound as argument defaults: nothing reads or swaps them at run time).
@@ -129,7 +130,6 @@ def float32_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
   return _float32_result(spec, a, b)
 
 
-@jax.custom_jvp
 def softmax_last(logits: jax.Array) -> jax.Array:
   """``jax.nn.softmax(logits, axis=-1)`` whose derivative keeps the row sum a contraction.
 
@@ -139,13 +139,19 @@ def softmax_last(logits: jax.Array) -> jax.Array:
   row sum is a reduction that XLA:CPU fuses into its elementwise consumer and recomputes for every element of
   the row, which made the softmax backward the slowest step of attention on CPU (docs/benchmarks.md §2).
   """
+  return _softmax_last(logits)
+
+
+@jax.custom_jvp
+def _softmax_last(logits: jax.Array) -> jax.Array:
+  """``softmax_last`` with its custom derivative (a plain function wraps it so that it documents as one)."""
   return jax.nn.softmax(logits, axis=-1)
 
 
-@softmax_last.defjvp
+@_softmax_last.defjvp
 def _softmax_last_jvp(primals, tangents):
   (logits,), (t,) = primals, tangents
-  p = softmax_last(logits)
+  p = _softmax_last(logits)
   row = jnp.einsum("...s,...s->...", p, t)
   return p, p * t - jnp.einsum("...s,...->...s", p, row)
 

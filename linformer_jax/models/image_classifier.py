@@ -24,8 +24,11 @@ class BlockFields(nn.Module):
   """The fields every image-transformer block starts with (ViT, XCA and class-attention blocks).
 
   Attributes:
-    num_heads: attention heads. mlp_ratio: MLP hidden width / embedding width. qkv_bias: biases on Q, K, V.
-    drop_rate: dropout after the attention projection and in the MLP. attn_drop_rate: dropout on the weights.
+    num_heads: attention heads.
+    mlp_ratio: MLP hidden width / embedding width.
+    qkv_bias: biases on Q, K, V.
+    drop_rate: dropout after the attention projection and in the MLP.
+    attn_drop_rate: dropout on the attention weights.
   """
   num_heads: int
   mlp_ratio: float = 4.0
@@ -40,13 +43,19 @@ class TokenClassifier(nn.Module):
   first, and submodules ``head_drop``, ``head``.
 
   Attributes:
-    img_size: the resolution of the published variant / position table. patch_size; in_chans: input channels.
-    num_classes: head outputs (0 = no head). embed_dim, depth, num_heads, mlp_ratio, qkv_bias: transformer shape.
-    drop_rate, attn_drop_rate, drop_path_rate: dropout rates (each model's docstring says where they apply).
+    img_size: the resolution of the published variant / position table.
+    patch_size: side of the square patches, in pixels.
+    in_chans: input channels.
+    num_classes: head outputs (0 = no head).
+    embed_dim: token width C.
+    depth: number of transformer blocks.
+    num_heads: attention heads per block.
+    mlp_ratio: MLP hidden width / embed_dim.
+    qkv_bias: biases on Q, K, V.
+    drop_rate: dropout rate (each model's docstring says where it applies).
+    attn_drop_rate: dropout rate on the attention weights.
+    drop_path_rate: stochastic-depth rate (each model's docstring says how it is spread over the blocks).
     global_pool: "token" (CLS) | "avg" (mean of the patch tokens).
-    dtype: compute dtype (``jnp.float32`` | ``jnp.bfloat16`` | ``jnp.float16``; the names in a config) of every
-      convolution, matmul and attention product, and of the activations; param_dtype: the dtype parameters are
-      stored in (cast to dtype where used). Each model's docstring says what stays float32.
   """
   img_size: int = 224
   patch_size: int = 16
@@ -61,7 +70,11 @@ class TokenClassifier(nn.Module):
   attn_drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   global_pool: str = "token"
+  #: Compute dtype (``jnp.float32`` | ``jnp.bfloat16`` | ``jnp.float16``; the names in a config) of every
+  #: convolution, matmul and attention product, and of the activations. Each model's docstring says what stays
+  #: float32.
   dtype: Any = jnp.float32
+  #: The dtype parameters are stored in (cast to ``dtype`` where used).
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -84,6 +97,16 @@ class TokenClassifier(nn.Module):
     return x if pre_logits or not self.num_classes else self.head(x)
 
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """Logits, ``forward_head(forward_features(images, train), train=train)``.
+
+    Args:
+      images: NHWC (batch, H, W, in_chans), H and W multiples of ``patch_size``.
+      train: enables dropout and stochastic depth (rng "dropout") and, where the model has BatchNorm, batch
+        statistics (``batch_stats`` mutable).
+
+    Returns:
+      logits (batch, num_classes), or the pooled features (batch, embed_dim) when num_classes=0.
+    """
     return self.forward_head(self.forward_features(images, train), train=train)
 
   @nn.nowrap

@@ -1,6 +1,6 @@
 """Linformer models (Wang et al. 2020, arXiv 2006.04768): encoder, masked LM, classifier, encoder–decoder.
 
-Parameter tree of ``Linformer`` (names are stable; converters and checkpoints rely on them):
+Parameter tree of ``Linformer`` (names are stable; converters and checkpoints rely on them)::
 
     EF                      network-wide projection (sharing="layerwise" only)
     layer_{i}/attention     query, key, value (kernel (dim, h, d_h)), out (kernel (h, d_h, dim), bias),
@@ -31,9 +31,12 @@ from linformer_jax.layers.projections import CONSTANTS, PROJECTIONS, SeqProjecti
 from linformer_jax.layers.softmax_kernel import check_kernel_args
 from linformer_jax.remat import RematPlan
 
+#: Values of the ``attention`` field: Linformer attention, or ordinary full softmax attention.
 ATTENTIONS = ("linformer", "full")
+#: Values of the ``norm`` field: pre-LN (with a final LayerNorm) or post-LN.
 NORMS = ("pre", "post")
 
+#: The ``ValueError`` message for ``causal=True`` with ``attention="linformer"``.
 CAUSAL_ERROR = (
     "causal=True is not supported with attention='linformer': the projection E·K mixes all n positions "
     "into every one of the k projected keys, so position i would see tokens after i. linformer-pytorch's "
@@ -187,13 +190,6 @@ class LinformerFields(_Derived, nn.Module):
       default for the backend and dtype (``linformer_jax.layers.default_implementation``).
     attention_block_rows: queries per block of that kernel (the "xla" one); None = the backend's default
       (``linformer_jax.layers.default_block_rows``: blocks only for large scores on the CPU), 0 = never block.
-    dtype: the compute dtype ("float32" | "bfloat16" | "float16" names in a config, ``jnp.bfloat16`` etc. here):
-      every matmul (embeddings, Q/K/V/O, E/F projections, attention einsums, feed-forward, LM head, tied
-      ``attend``) runs on operands of this dtype, and activations between layers are stored in it.
-    param_dtype: the dtype parameters are stored (and updated) in; cast to ``dtype`` where they are used.
-      What stays float32 whatever ``dtype`` says (``linformer_jax.layers``): LayerNorm statistics and
-      normalisation, the attention logits and softmax (its weights are cast to ``dtype`` for weights·V), the loss
-      and the optimizer state — the sums and exponentials whose rounding error would otherwise grow with n.
   """
   max_len: int
   dim: int
@@ -220,7 +216,14 @@ class LinformerFields(_Derived, nn.Module):
   layer_norm_eps: float = 1e-5
   attention_impl: Optional[str] = None
   attention_block_rows: Optional[int] = None
+  #: The compute dtype ("float32" | "bfloat16" | "float16" names in a config, ``jnp.bfloat16`` etc. here):
+  #: every matmul (embeddings, Q/K/V/O, E/F projections, attention einsums, feed-forward, LM head, tied
+  #: ``attend``) runs on operands of this dtype, and activations between layers are stored in it.
   dtype: Any = jnp.float32
+  #: The dtype parameters are stored (and updated) in; cast to ``dtype`` where they are used.
+  #: What stays float32 whatever ``dtype`` says (``linformer_jax.layers``): LayerNorm statistics and
+  #: normalisation, the attention logits and softmax (its weights are cast to ``dtype`` for weights·V), the loss
+  #: and the optimizer state — the sums and exponentials whose rounding error would otherwise grow with n.
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -280,6 +283,7 @@ class LinformerFields(_Derived, nn.Module):
     return LinformerConfig(**self.encoder_fields())
 
 
+#: Frozen dataclass with the fields of ``LinformerFields`` (see its own docstring).
 LinformerConfig = dataclasses.make_dataclass(
     "LinformerConfig",
     [(f.name, f.type, dataclasses.field(default=f.default, kw_only=True))
@@ -292,10 +296,9 @@ are defined and validated once, on ``LinformerFields``), passed whole to every l
 
 
 class Linformer(LinformerFields):
-  """The Linformer encoder stack.
+  """The Linformer encoder stack: ``depth`` layers of attention and feed-forward sub-layers on vectors.
 
-  Call: ``(x, mask=None, deterministic=True)``; x (batch, n, dim) float, n <= max_len; mask (batch, n) bool,
-  True = real token. Returns (batch, n, dim). ``deterministic=False`` enables dropout (rng "dropout").
+  The fields are those of ``LinformerFields``.
   """
 
   def _check_inputs(self, x, mask):
@@ -312,6 +315,19 @@ class Linformer(LinformerFields):
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
+    """Runs the encoder layers (and, with norm="pre", the final LayerNorm).
+
+    Args:
+      x: (batch, n, dim) float, n <= max_len.
+      mask: (batch, n) bool, True = real token; None = all real.
+      deterministic: False enables dropout (rng "dropout").
+
+    Returns:
+      (batch, n, dim).
+
+    Raises:
+      ValueError: a wrong shape of ``x`` or ``mask``, or n > max_len.
+    """
     self._check_inputs(x, mask)
     config = self.config()
     plan = config.remat_plan
@@ -337,10 +353,25 @@ class Linformer(LinformerFields):
 class LinformerLM(LinformerFields, kw_only=True):
   """Token + position embedding → ``Linformer`` → vocabulary logits (masked-LM use).
 
-  Attributes (besides ``LinformerFields``): vocab_size; pos_emb "learned" | "sinusoidal";
-  tie_embeddings: logits through the transposed token embedding instead of a separate head.
-  Call: ``(tokens, mask=None, deterministic=True)``; tokens (batch, n) int; mask (batch, n) bool.
-  Returns logits (batch, n, vocab_size).
+  The encoder's fields are those of ``LinformerFields``; the model adds:
+
+  Attributes:
+    vocab_size: number of token ids (keyword-only, required).
+    pos_emb: "learned" | "sinusoidal" position embedding (see ``TokenEmbedder``).
+    tie_embeddings: logits through the transposed token embedding instead of a separate ``head`` Dense.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from linformer_jax.models import LinformerLM
+    >>> model = LinformerLM(vocab_size=256, max_len=16, dim=32, depth=2, num_heads=4, k=8)
+    >>> tokens = jnp.zeros((2, 16), jnp.int32)
+    >>> variables = model.init(jax.random.key(0), tokens)
+    >>> logits = model.apply(variables, tokens)
+    >>> logits.shape, logits.dtype
+    ((2, 16, 256), dtype('float32'))
+    >>> mask = jnp.arange(16)[None, :] < jnp.array([[16], [10]])  # the second row has 6 padding tokens
+    >>> model.apply(variables, tokens, mask=mask).shape
+    (2, 16, 256)
   """
   vocab_size: int
   pos_emb: str = "learned"
@@ -354,6 +385,16 @@ class LinformerLM(LinformerFields, kw_only=True):
 
   @nn.compact
   def __call__(self, tokens, mask=None, deterministic: bool = True):
+    """Logits of every position.
+
+    Args:
+      tokens: (batch, n) int token ids, n <= max_len.
+      mask: (batch, n) bool, True = real token; None = all real.
+      deterministic: False enables dropout (rng "dropout").
+
+    Returns:
+      logits (batch, n, vocab_size).
+    """
     embed = TokenEmbedder(self.vocab_size, self.dim, self.max_len, self.pos_emb, dtype=self.dtype,
                           param_dtype=self.param_dtype, name="embed")
     x = nn.Dropout(self.dropout)(embed(tokens), deterministic=deterministic)
@@ -367,8 +408,10 @@ class LinformerLM(LinformerFields, kw_only=True):
 class LinformerClassifier(LinformerFields, kw_only=True):
   """Sequence classifier: (embedding →) ``Linformer`` → CLS or masked-mean pooling → head → logits.
 
-  Attributes (besides ``LinformerFields``):
-    num_classes: number of classes.
+  The encoder's fields are those of ``LinformerFields``; the model adds:
+
+  Attributes:
+    num_classes: number of classes (keyword-only, required).
     vocab_size: int = inputs are token ids (batch, n) embedded with a ``TokenEmbedder``; None = inputs are
       already vectors (batch, n, dim).
     pool: "cls" (a learned CLS vector is prepended, so the encoder is built for max_len + 1 positions) |
@@ -378,9 +421,6 @@ class LinformerClassifier(LinformerFields, kw_only=True):
       in the pooled features, as ``get_classifier`` and class activation maps need).
     mlp_dim: hidden width of the "mlp" head; None = dim. Must be None with head="linear".
     pos_emb: "learned" | "sinusoidal" (token inputs only).
-  Call: ``(inputs, mask=None, deterministic=True)``; inputs (batch, n) int or (batch, n, dim) float, n <= max_len;
-  mask (batch, n) bool, True = real token. Returns logits (batch, num_classes), computed as
-  ``forward_head(forward_features(inputs, mask), mask)``.
 
   Classifier API (timm's names, as ``XCiT`` and ``VisionTransformer``)::
 
@@ -482,6 +522,16 @@ class LinformerClassifier(LinformerFields, kw_only=True):
     return x if pre_logits else self.classifier(x)
 
   def __call__(self, inputs, mask=None, deterministic: bool = True):
+    """Logits, ``forward_head(forward_features(inputs, mask), mask)``.
+
+    Args:
+      inputs: token ids (batch, n) int (vocab_size set) or vectors (batch, n, dim) float; n <= max_len.
+      mask: (batch, n) bool, True = real token; None = all real.
+      deterministic: False enables dropout (rng "dropout").
+
+    Returns:
+      logits (batch, num_classes).
+    """
     features = self.forward_features(inputs, mask, deterministic)
     return self.forward_head(features, mask, deterministic=deterministic)
 
@@ -555,12 +605,14 @@ class LinformerEncDec(LinformerFields, kw_only=True):
   """Encoder–decoder: Linformer encoder; decoder layers = causal full self-attention + Linformer
   cross-attention over the encoder output (with the encoder mask) + feed-forward; teacher-forced logits.
 
-  Attributes (besides ``LinformerFields``, which configure the encoder and the decoder's cross-attention):
-    vocab_size: source vocabulary; target_vocab_size: None = vocab_size.
-    max_target_len: None = max_len. decoder_depth: None = depth. pos_emb: "learned" | "sinusoidal".
-  Call: ``(src, tgt_in, src_mask=None, tgt_mask=None, deterministic=True)``; src (batch, n) int,
-  tgt_in (batch, m) int = the target shifted right (``shift_right``); masks bool, True = real token.
-  Returns logits (batch, m, target_vocab_size).
+  The fields of ``LinformerFields`` configure the encoder and the decoder's cross-attention; the model adds:
+
+  Attributes:
+    vocab_size: source vocabulary size (keyword-only, required).
+    target_vocab_size: target vocabulary size; None = vocab_size.
+    max_target_len: longest target sequence; None = max_len.
+    decoder_depth: number of decoder layers; None = depth.
+    pos_emb: "learned" | "sinusoidal" position embeddings of source and target.
   """
   vocab_size: int
   target_vocab_size: Optional[int] = None
@@ -611,6 +663,18 @@ class LinformerEncDec(LinformerFields, kw_only=True):
     return self.logits(y)
 
   def __call__(self, src, tgt_in, src_mask=None, tgt_mask=None, deterministic: bool = True):
+    """Teacher-forced logits: ``decode(encode(src, src_mask), tgt_in, src_mask, tgt_mask)``.
+
+    Args:
+      src: source token ids (batch, n) int, n <= max_len.
+      tgt_in: decoder input (batch, m) int: the target shifted right (``shift_right``), m <= max_target_len.
+      src_mask: (batch, n) bool, True = real token; None = all real.
+      tgt_mask: (batch, m) bool, True = real token; None = all real.
+      deterministic: False enables dropout (rng "dropout").
+
+    Returns:
+      logits (batch, m, target_vocab_size).
+    """
     enc = self.encode(src, src_mask, deterministic)
     return self.decode(enc, tgt_in, src_mask, tgt_mask, deterministic)
 

@@ -4,14 +4,14 @@ Names: ``linformer_lm``, ``linformer_classifier``, ``linformer_encdec`` (no pres
 override); the BERT-size presets ``linformer_base``, ``linformer_large`` (masked LM, tied output embedding) and
 ``linformer_base_classifier``, ``linformer_large_classifier`` (BERT/RoBERTa geometry, max_len 512, k 256,
 sharing "kv"; vocab_size is required, and num_classes for the classifiers); timm's XCiT names
-(``xcit_nano_12_p16_224`` …) and the ViT/DeiT baselines (``vit_tiny_patch16_224`` …).
+(``xcit_nano_12_p16_224`` …) and the ViT/DeiT baselines (``vit_tiny_patch16_224`` …)::
 
     model = create_model("xcit_nano_12_p16_224", num_classes=10)
     lm = create_model("linformer_lm", vocab_size=256, max_len=128, dim=64, depth=2, num_heads=4, k=32)
     bert = create_model("linformer_base", vocab_size=30522)
     variables = model.init(rng, jnp.zeros((1, 224, 224, 3)))
 
-Every classifier (``LinformerClassifier``, ``XCiT``, ``VisionTransformer``) has timm's classifier API:
+Every classifier (``LinformerClassifier``, ``XCiT``, ``VisionTransformer``) has timm's classifier API::
 
     feats = model.apply(variables, x, method=model.forward_features)   # (batch, tokens, dim), before pooling
     pooled = model.apply(variables, feats, pre_logits=True, method=model.forward_head)   # (batch, dim)
@@ -103,8 +103,25 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     The (unbound) flax module.
 
   Raises:
-    ValueError: an unknown name, or an unknown dtype/param_dtype. TypeError: an override that is not a field of
-      the model, or a required field missing.
+    ValueError: an unknown name, or an unknown dtype/param_dtype.
+    TypeError: an override that is not a field of the model, or a required field missing.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from linformer_jax.models import create_model, list_models
+    >>> list_models("xcit_nano_*")
+    ['xcit_nano_12_p16_224', 'xcit_nano_12_p16_384', 'xcit_nano_12_p8_224', 'xcit_nano_12_p8_384']
+    >>> lm = create_model("linformer_lm", vocab_size=256, max_len=64, dim=32, depth=2, num_heads=4, k=16)
+    >>> tokens = jnp.zeros((2, 64), jnp.int32)
+    >>> variables = lm.init(jax.random.key(0), tokens)
+    >>> lm.apply(variables, tokens).shape
+    (2, 64, 256)
+    >>> model = create_model("xcit_nano_12_p16_224", num_classes=10, dtype="bfloat16")
+    >>> model.embed_dim, model.depth, jnp.dtype(model.dtype).name
+    (128, 12, 'bfloat16')
+    >>> shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))  # no computation
+    >>> shapes["params"]["head"]["kernel"].shape
+    (128, 10)
   """
   if name not in _REGISTRY:
     close = [n for n in _REGISTRY if n.split("_")[0] == name.split("_")[0]] or list(_REGISTRY)

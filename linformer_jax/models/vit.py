@@ -18,24 +18,33 @@ from linformer_jax.layers.mlp import FeedForward
 from linformer_jax.layers.softmax_kernel import check_kernel_args
 from linformer_jax.models.image_classifier import BlockFields, TokenClassifier, check_images
 
+#: LayerNorm epsilon of every LayerNorm in the model (timm's).
 LN_EPS = 1e-6
-dense_init = nn.initializers.truncated_normal(0.02)
+# Initialiser of the CLS token, the position table and the head: truncated normal, standard deviation 0.02.
+_dense_init = nn.initializers.truncated_normal(0.02)
 
 
 class ViTBlock(BlockFields):
   """Pre-LN block: x ← x + DropPath(Attn(LN(x))); x ← x + DropPath(MLP(LN(x))).
 
-  ``attention_impl`` / ``attention_block_rows``: the attention kernel's choices (``FullSelfAttention`` fields).
-  ``dtype`` / ``param_dtype``: compute and parameter dtypes of every sub-layer.
+  Besides the ``BlockFields``:
+
+  Attributes:
+    drop_path_rate: stochastic-depth rate of both branches.
+    attention_impl: the attention kernel's implementation (``FullSelfAttention`` field).
+    attention_block_rows: queries per block of the attention kernel (``FullSelfAttention`` field).
   """
   drop_path_rate: float = 0.0
   attention_impl: Optional[str] = None
   attention_block_rows: Optional[int] = None
+  #: The computation dtype: inputs and parameters are cast to it.
   dtype: Any = jnp.float32
+  #: The dtype parameters are stored in.
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Applies the block to tokens x (batch, N, C); ``train`` enables dropout and drop path. Returns (batch, N, C)."""
     det = not train
     precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     drop_path = lambda y: DropPath(self.drop_path_rate)(y, deterministic=det)
@@ -51,17 +60,20 @@ class ViTBlock(BlockFields):
 class VisionTransformer(TokenClassifier):
   """ViT with a CLS token and learned position embeddings.
 
-  Attributes: img_size (the position table's resolution; other sizes divisible by patch_size are handled by
-  bilinear resizing of the table), patch_size, in_chans, num_classes (0 = no head), embed_dim, depth,
-  num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, drop_path_rate (linearly increasing over depth,
-  as DeiT), global_pool "token" | "avg", attention_impl ("xla" | "dot_product_attention"; None = the default for
-  the backend and dtype) and attention_block_rows (queries per block of the attention kernel; None = the backend's
-  default, 0 = never block), see ``linformer_jax.layers.softmax_kernel``; dtype, param_dtype (``TokenClassifier``):
-  with dtype=bfloat16 the patch convolution, every matmul and attention product and the residual stream are
-  bfloat16, while the LayerNorm statistics, the attention logits and softmax (``linformer_jax.layers``), the loss
-  and the optimizer state stay float32 (sums and exponentials, whose rounding would grow with the token count);
-  cls_token and pos_embed are stored in param_dtype and cast to dtype where added.
-  Call: ``module.apply(variables, images, train=False)``; images (batch, H, W, in_chans) → (batch, num_classes).
+  The fields are those of ``TokenClassifier`` plus the two below. ``img_size`` is the position table's
+  resolution; other sizes divisible by patch_size are handled by bilinear resizing of the table.
+  ``drop_path_rate`` increases linearly over depth, as DeiT. With dtype=bfloat16 the patch convolution, every
+  matmul and attention product and the residual stream are bfloat16, while the LayerNorm statistics, the attention
+  logits and softmax (``linformer_jax.layers``), the loss and the optimizer state stay float32 (sums and
+  exponentials, whose rounding would grow with the token count); cls_token and pos_embed are stored in param_dtype
+  and cast to dtype where added. Call: ``module.apply(variables, images, train=False)``; images
+  (batch, H, W, in_chans) → (batch, num_classes).
+
+  Attributes:
+    attention_impl: "xla" | "dot_product_attention"; None = the default for the backend and dtype (see
+      ``linformer_jax.layers.softmax_kernel``).
+    attention_block_rows: queries per block of the attention kernel; None = the backend's default, 0 = never
+      block.
   """
   attention_impl: Optional[str] = None
   attention_block_rows: Optional[int] = None
@@ -77,8 +89,8 @@ class VisionTransformer(TokenClassifier):
     p, g = self.patch_size, self.img_size // self.patch_size
     precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.patch_embed = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", **precision)
-    self.cls_token = self.param("cls_token", dense_init, (1, 1, self.embed_dim), self.param_dtype)
-    self.pos_embed = self.param("pos_embed", dense_init, (1, 1 + g * g, self.embed_dim), self.param_dtype)
+    self.cls_token = self.param("cls_token", _dense_init, (1, 1, self.embed_dim), self.param_dtype)
+    self.pos_embed = self.param("pos_embed", _dense_init, (1, 1 + g * g, self.embed_dim), self.param_dtype)
     rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
     self.blocks = [ViTBlock(self.num_heads, self.mlp_ratio, self.qkv_bias, self.drop_rate, self.attn_drop_rate,
                             r, attention_impl=self.attention_impl, attention_block_rows=self.attention_block_rows,
@@ -88,7 +100,7 @@ class VisionTransformer(TokenClassifier):
     self.pos_drop = nn.Dropout(self.drop_rate)
     self.head_drop = nn.Dropout(self.drop_rate)
     if self.num_classes:
-      self.head = nn.Dense(self.num_classes, kernel_init=dense_init, **precision)
+      self.head = nn.Dense(self.num_classes, kernel_init=_dense_init, **precision)
 
   def _pos_embed(self, hp: int, wp: int) -> jax.Array:
     g = self.img_size // self.patch_size

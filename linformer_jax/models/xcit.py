@@ -31,10 +31,14 @@ from linformer_jax.layers.softmax_kernel import float32_einsum
 from linformer_jax.models.image_classifier import BlockFields, TokenClassifier, check_images
 from linformer_jax.remat import RematPlan, map_heads
 
-LN_EPS = 1e-6  # LayerNorm epsilon everywhere in XCiT
-BN_MOMENTUM = 0.9  # = PyTorch momentum 0.1
+#: LayerNorm epsilon everywhere in XCiT.
+LN_EPS = 1e-6
+#: BatchNorm running-average momentum in flax's convention (= PyTorch momentum 0.1).
+BN_MOMENTUM = 0.9
+#: BatchNorm epsilon.
 BN_EPS = 1e-5
-dense_init = nn.initializers.truncated_normal(0.02)
+# Initialiser of the Dense kernels, the CLS token and the head: truncated normal, standard deviation 0.02.
+_dense_init = nn.initializers.truncated_normal(0.02)
 
 
 def _batch_norm(train: bool, axis_name: Optional[str], name: str, dtype=jnp.float32,
@@ -54,11 +58,18 @@ class XCA(nn.Module):
 
       q̂, k̂ = q / ‖q‖₂, k / ‖k‖₂ (over the N tokens);  A_h = softmax_j(τ_h · q̂ᵀ k̂);  out_i = Σ_j A_h[i, j] v_j
 
-  Attributes: num_heads; qkv_bias; attention_dropout; dropout (after the projection);
-  normalize_qk (False = ablation without the L2 normalisation); learnable_temperature (False = τ fixed at 1).
-  dtype / param_dtype: compute and parameter dtypes (``xca_core``: the normalisation, logits and softmax in
-  float32). Call ``(x, deterministic=True)``; x (batch, N, C) → (batch, N, C). The maps A (batch, heads, d_h, d_h)
-  are sown as ``intermediates/…/attention_weights`` when that collection is mutable.
+  The maps A (batch, heads, d_h, d_h) are sown as ``intermediates/…/attention_weights`` when that collection is
+  mutable. ``xca_core`` computes the normalisation, logits and softmax in float32 whatever ``dtype``.
+
+  Attributes:
+    num_heads: number of heads h.
+    qkv_bias: biases on the fused Q/K/V map.
+    attention_dropout: dropout on the maps A.
+    dropout: dropout after the output projection.
+    normalize_qk: False = ablation without the L2 normalisation.
+    learnable_temperature: False = τ fixed at 1.
+    remat_heads: compute the core one head at a time under ``jax.checkpoint`` (level C2; maps are then not sown).
+    remat_policy: the checkpoint policy name used then (one of ``linformer_jax.remat.REMAT_POLICIES``).
   """
   num_heads: int
   qkv_bias: bool = True
@@ -69,16 +80,19 @@ class XCA(nn.Module):
 
   remat_heads: bool = False
   remat_policy: str = "nothing_saveable"
+  #: The computation dtype: inputs and parameters are cast to it.
   dtype: Any = jnp.float32
+  #: The dtype parameters are stored in.
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    """Applies XCA to tokens x (batch, N, C); ``deterministic=False`` enables dropout. Returns (batch, N, C)."""
     b, n, c = x.shape
     h = self.num_heads
     if c % h:
       raise ValueError(f"embed_dim={c} is not divisible by num_heads={h}.")
-    dense = lambda features, name, **kw: nn.Dense(features, kernel_init=dense_init, dot_general=flat_dot_general,
+    dense = lambda features, name, **kw: nn.Dense(features, kernel_init=_dense_init, dot_general=flat_dot_general,
                                                   dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw)
     qkv = dense(3 * c, "qkv", use_bias=self.qkv_bias)(x)
     q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, h, c // h), 2, 0)  # each (b, N, h, d_h)
@@ -125,16 +139,31 @@ def xca_core(q, k, v, temperature, normalize_qk=True, dropout_rate=0.0, dropout_
 class LPI(nn.Module):
   """Local patch interaction: depthwise conv → GELU → BatchNorm → depthwise conv on the Hp × Wp token grid.
 
-  Call ``(x, grid, train=False)``; x (batch, Hp·Wp, C) row-major; grid = (Hp, Wp). Returns (batch, Hp·Wp, C).
-  dtype / param_dtype: compute and parameter dtypes of the convolutions (BatchNorm statistics stay float32).
+  BatchNorm statistics stay float32 whatever ``dtype``.
+
+  Attributes:
+    kernel_size: side of the square depthwise kernels.
+    bn_axis_name: mapped axis name for cross-replica BatchNorm statistics; None = per-device statistics.
   """
   kernel_size: int = 3
   bn_axis_name: Optional[str] = None
+  #: The computation dtype: inputs and parameters are cast to it.
   dtype: Any = jnp.float32
+  #: The dtype parameters are stored in.
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, grid: tuple[int, int], train: bool = False) -> jax.Array:
+    """Applies the block to the token grid.
+
+    Args:
+      x: (batch, Hp·Wp, C), tokens in row-major grid order.
+      grid: (Hp, Wp).
+      train: BatchNorm uses and updates batch statistics (``batch_stats`` mutable).
+
+    Returns:
+      (batch, Hp·Wp, C).
+    """
     b, n, c = x.shape
     conv = lambda name: DepthwiseConv2D((self.kernel_size, self.kernel_size), dtype=self.dtype,
                                         param_dtype=self.param_dtype, name=name)
@@ -148,17 +177,27 @@ class ConvPatchEmbed(nn.Module):
   (3 → C/8 → C/4 → C/2 → C), 3 for patch 8. Each stage maps H → ⌊(H − 1)/2⌋ + 1 (padding 1 on each side,
   explicit as in PyTorch, not 'SAME').
 
-  Call ``(images, train=False)``; images (batch, H, W, in_chans) → (batch, Hp, Wp, C) in dtype (the convolutions
-  run in dtype, the BatchNorm statistics in float32).
+  The convolutions run in ``dtype``, the BatchNorm statistics in float32.
+
+  Attributes:
+    patch_size: 16 (4 stages) or 8 (3 stages).
+    embed_dim: output channels C.
+    bn_axis_name: mapped axis name for cross-replica BatchNorm statistics; None = per-device statistics.
   """
   patch_size: int = 16
   embed_dim: int = 768
   bn_axis_name: Optional[str] = None
+  #: The computation dtype: inputs and parameters are cast to it.
   dtype: Any = jnp.float32
+  #: The dtype parameters are stored in.
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """Images (batch, H, W, in_chans) → patch tokens (batch, Hp, Wp, C) in ``dtype``.
+
+    ``train``: BatchNorm uses and updates batch statistics (``batch_stats`` mutable).
+    """
     stages = {16: 4, 8: 3}[self.patch_size]
     widths = [self.embed_dim // 2 ** (stages - 1 - i) for i in range(stages)]
     x = images
@@ -191,17 +230,24 @@ def fourier_features(hp: int, wp: int, hidden_dim: int = 32, temperature: float 
 class FourierPositionalEncoding(nn.Module):
   """Fourier features of the token grid (any Hp × Wp, computed on the fly) → 1×1 projection to C.
 
-  Call ``(grid)`` with grid = (Hp, Wp); returns (Hp·Wp, C) in dtype (the features are computed in float32, the
-  projection runs in dtype).
+  The features are computed in float32 (``fourier_features``), the projection runs in ``dtype``.
+
+  Attributes:
+    dim: output width C.
+    hidden_dim: Fourier features per axis.
+    temperature: the base T of the frequencies.
   """
   dim: int
   hidden_dim: int = 32
   temperature: float = 10000.0
+  #: The computation dtype: inputs and parameters are cast to it.
   dtype: Any = jnp.float32
+  #: The dtype parameters are stored in.
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, grid: tuple[int, int]) -> jax.Array:
+    """The encoding of the grid (Hp, Wp): (Hp·Wp, C) in ``dtype``, row-major."""
     feats = jnp.asarray(fourier_features(*grid, self.hidden_dim, self.temperature))
     return nn.Dense(self.dim, dot_general=flat_dot_general, dtype=self.dtype, param_dtype=self.param_dtype,
                     name="token_projection")(feats)
@@ -210,9 +256,19 @@ class FourierPositionalEncoding(nn.Module):
 class XCABlock(BlockFields):
   """x ← x + γ1·XCA(LN(x));  x ← x + γ3·LPI(LN(x));  x ← x + γ2·MLP(LN(x))  (each branch with drop path).
 
-  ``attention="self"`` swaps XCA for ordinary softmax self-attention; ``use_lpi=False`` drops the LPI branch
-  (ablations). dtype / param_dtype: compute and parameter dtypes of every sub-layer (the LayerScale γ are stored in
-  param_dtype and cast to dtype). Call ``(x, grid, train=False)``; x (batch, N, C).
+  The LayerScale γ are stored in ``param_dtype`` and cast to ``dtype``. Besides the ``BlockFields``:
+
+  Attributes:
+    drop_path_rate: stochastic-depth rate of the three branches.
+    eta: initial value of the LayerScale γ.
+    use_lpi: False drops the LPI branch (ablation).
+    attention: "xca" | "self" (ordinary softmax self-attention instead of XCA, ablation).
+    normalize_qk: XCA's L2 normalisation (see ``XCA``).
+    learnable_temperature: XCA's learnable τ (see ``XCA``).
+    bn_axis_name: mapped axis name for cross-replica BatchNorm statistics in the LPI.
+    remat: checkpoint level "C0" | "C1" | "C2" (see ``linformer_jax.remat``).
+    remat_policy: what rematerialised regions keep (one of ``linformer_jax.remat.REMAT_POLICIES``).
+    scanned: the block runs inside ``nn.scan``.
   """
   drop_path_rate: float = 0.0
   eta: float = 1.0
@@ -224,7 +280,9 @@ class XCABlock(BlockFields):
   remat: str = "C0"
   remat_policy: str = "nothing_saveable"
   scanned: bool = False
+  #: The computation dtype: inputs and parameters are cast to it.
   dtype: Any = jnp.float32
+  #: The dtype parameters are stored in.
   param_dtype: Any = jnp.float32
 
   @property
@@ -246,6 +304,16 @@ class XCABlock(BlockFields):
 
   @nn.compact
   def __call__(self, x: jax.Array, grid: tuple[int, int], train: bool = False) -> jax.Array:
+    """Applies the block.
+
+    Args:
+      x: (batch, N, C) patch tokens in row-major grid order.
+      grid: (Hp, Wp) with Hp·Wp = N (for the LPI).
+      train: enables dropout and drop path (rng "dropout") and BatchNorm batch statistics.
+
+    Returns:
+      (batch, N, C).
+    """
     c = x.shape[-1]
     det = not train
     gamma = lambda name: self._gamma(name, c)
@@ -280,18 +348,28 @@ class _ScannedXCABlock(XCABlock):
 class ClassAttentionBlock(BlockFields):
   """CaiT-style class attention: the CLS query attends over all tokens (CLS + patches).
 
-  As in the official code and timm:
+  As in the official code and timm::
+
       xn = LN1(x);  x ← x + γ1·[CA(xn)_cls, xn_patches]
       tokens_norm: x ← LN2(x)   else: x_cls ← LN2(x_cls)
       x ← x + [γ2·MLP(x_cls), x_patches]      (so patch tokens are doubled here, exactly as the original)
-  Call ``(x, train=False)``; x (batch, 1 + N, C). The CLS→token maps (batch, heads, 1, 1 + N) are sown as
-  ``attn/attention_weights`` when "intermediates" is mutable. dtype / param_dtype: as ``XCABlock``.
+
+  The CLS→token maps (batch, heads, 1, 1 + N) are sown as ``attn/attention_weights`` when "intermediates" is
+  mutable. Besides the ``BlockFields``:
+
+  Attributes:
+    eta: initial value of the LayerScale γ.
+    tokens_norm: apply LN2 to all tokens, not only the CLS token.
+    remat: checkpoint level "C0" | "C1" | "C2" (see ``linformer_jax.remat``).
+    remat_policy: what rematerialised regions keep (one of ``linformer_jax.remat.REMAT_POLICIES``).
   """
   eta: float = 1.0
   tokens_norm: bool = False
   remat: str = "C0"
   remat_policy: str = "nothing_saveable"
+  #: The computation dtype: inputs and parameters are cast to it.
   dtype: Any = jnp.float32
+  #: The dtype parameters are stored in.
   param_dtype: Any = jnp.float32
 
   _plan = XCABlock._plan
@@ -303,6 +381,7 @@ class ClassAttentionBlock(BlockFields):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Applies the block to x (batch, 1 + N, C), CLS first; ``train`` enables dropout. Returns (batch, 1 + N, C)."""
     c = x.shape[-1]
     det = not train
     gamma = lambda name: self._gamma(name, c)
@@ -323,33 +402,37 @@ class ClassAttentionBlock(BlockFields):
 class XCiT(TokenClassifier):
   """The XCiT image classifier.
 
-  Attributes:
-    img_size: the resolution the variant was published at (any H, W divisible by patch_size work).
-    patch_size: 16 or 8. in_chans: input channels. num_classes: head outputs (0 = no head).
-    embed_dim, depth, num_heads, mlp_ratio, qkv_bias: transformer shape.
-    drop_rate: dropout after attention projections, in MLPs and before the head; attn_drop_rate: on attention
-      weights; drop_path_rate: stochastic depth, constant over the XCA blocks (as the original), none in the
-      class-attention blocks.
-    cls_attn_layers: number of class-attention blocks. eta: LayerScale init. tokens_norm: LayerNorm over all
-      tokens in the class-attention blocks (False only for the nano models).
-    global_pool: "token" (CLS, as published) | "avg" (mean of patch tokens).
-    bn_axis_name: mapped axis name for cross-replica BatchNorm statistics in data-parallel training
-      (SyncBatchNorm); None = per-device statistics.
-    use_pos_embed, use_lpi, attention ("xca" | "self"), normalize_qk, learnable_temperature: ablation switches.
-    remat: "C0" | "C1" (each attention/LPI/MLP sub-layer rematerialised) | "C2" (each block rematerialised,
-      attention one head at a time and the MLP in token chunks inside); remat_policy: see
-      ``linformer_jax.remat``. The parameter tree does not depend on them.
-    scan_layers: run the XCA blocks with ``nn.scan`` (params and batch stats stacked under ``blocks``).
-    dtype, param_dtype: compute and parameter dtypes (``TokenClassifier``). With dtype=bfloat16 the stem
-      convolutions, the Fourier projection, Q/K/V/proj, the XCA and class-attention products, the LPI convolutions,
-      the MLPs and the head run in bfloat16, and the residual stream is bfloat16. float32 stay: the BatchNorm and
-      LayerNorm statistics (and BatchNorm's running averages), XCA's L2 norms over the tokens, the attention logits
-      and softmax (see ``linformer_jax.layers``), the loss and the optimizer state — sums over many terms and
-      exponentials, whose bfloat16 rounding (2^-8 relative) would grow with the token count. The hand-written
-      parameters (temperature, the γ's, cls_token) are stored in param_dtype and cast to dtype where used.
+  The fields of ``TokenClassifier`` apply: ``img_size`` is the resolution the variant was published at (any H, W
+  divisible by patch_size work); ``patch_size`` is 16 or 8; ``drop_rate`` is the dropout after attention
+  projections, in MLPs and before the head; ``drop_path_rate`` is constant over the XCA blocks (as the original),
+  none in the class-attention blocks; ``global_pool`` "token" is the published CLS pooling.
+
+  With dtype=bfloat16 the stem convolutions, the Fourier projection, Q/K/V/proj, the XCA and class-attention
+  products, the LPI convolutions, the MLPs and the head run in bfloat16, and the residual stream is bfloat16.
+  float32 stay: the BatchNorm and LayerNorm statistics (and BatchNorm's running averages), XCA's L2 norms over the
+  tokens, the attention logits and softmax (see ``linformer_jax.layers``), the loss and the optimizer state — sums
+  over many terms and exponentials, whose bfloat16 rounding (2^-8 relative) would grow with the token count. The
+  hand-written parameters (temperature, the γ's, cls_token) are stored in param_dtype and cast to dtype where used.
+
   Call: ``module.apply(variables, images, train=False)`` with images (batch, H, W, in_chans) float, H and W
   divisible by patch_size. ``train=True`` needs ``mutable=["batch_stats"]`` and a "dropout" rng when
   dropout/drop-path rates are non-zero. Returns logits (batch, num_classes).
+
+  Attributes:
+    cls_attn_layers: number of class-attention blocks.
+    eta: LayerScale init.
+    tokens_norm: LayerNorm over all tokens in the class-attention blocks (False only for the nano models).
+    bn_axis_name: mapped axis name for cross-replica BatchNorm statistics in data-parallel training
+      (SyncBatchNorm); None = per-device statistics.
+    use_pos_embed: add the Fourier positional encoding (ablation switch).
+    use_lpi: the LPI branch in every XCA block (ablation switch).
+    attention: "xca" | "self" (ablation switch, see ``XCABlock``).
+    normalize_qk: XCA's L2 normalisation (ablation switch).
+    learnable_temperature: XCA's learnable τ (ablation switch).
+    remat: "C0" | "C1" (each attention/LPI/MLP sub-layer rematerialised) | "C2" (each block rematerialised,
+      attention one head at a time and the MLP in token chunks inside). The parameter tree does not depend on it.
+    remat_policy: what rematerialised regions keep; see ``linformer_jax.remat``.
+    scan_layers: run the XCA blocks with ``nn.scan`` (params and batch stats stacked under ``blocks``).
   """
   cls_attn_layers: int = 2
   eta: float = 1.0
@@ -379,7 +462,7 @@ class XCiT(TokenClassifier):
     self.patch_embed = ConvPatchEmbed(self.patch_size, self.embed_dim, self.bn_axis_name, **precision)
     if self.use_pos_embed:
       self.pos_embed = FourierPositionalEncoding(self.embed_dim, **precision)
-    self.cls_token = self.param("cls_token", dense_init, (1, 1, self.embed_dim), self.param_dtype)
+    self.cls_token = self.param("cls_token", _dense_init, (1, 1, self.embed_dim), self.param_dtype)
     block = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
                  drop_rate=self.drop_rate, attn_drop_rate=self.attn_drop_rate,
                  drop_path_rate=self.drop_path_rate, eta=self.eta, use_lpi=self.use_lpi, attention=self.attention,
@@ -403,7 +486,7 @@ class XCiT(TokenClassifier):
     self.pos_drop = nn.Dropout(self.drop_rate)
     self.head_drop = nn.Dropout(self.drop_rate)
     if self.num_classes:
-      self.head = nn.Dense(self.num_classes, kernel_init=dense_init, **precision)
+      self.head = nn.Dense(self.num_classes, kernel_init=_dense_init, **precision)
 
   def forward_features(self, images: jax.Array, train: bool = False) -> jax.Array:
     """images (batch, H, W, in_chans) → tokens after the final LayerNorm, (batch, 1 + Hp·Wp, C) in dtype, CLS
