@@ -21,10 +21,13 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from linformer_jax._validate import check_choice, check_int, check_length, check_mask, check_rate
+from linformer_jax._validate import check_bool, check_choice, check_int, check_length, check_mask, check_rate
+from linformer_jax.layers.causal_linformer import (CAUSAL_ERROR, CAUSAL_PROJECTIONS, DEFAULT_CHUNK,
+                                                   causal_linformer_attention, decode_step)
 from linformer_jax.layers.dense import flat_dot_general
 from linformer_jax.layers.projections import PROJECTIONS, SeqProjection, check_projected_length
 # The kernel lives in softmax_kernel; its public names stay importable from here.
@@ -41,6 +44,14 @@ SHARING = ("none", "headwise", "kv", "layerwise")
 
 __all__ = ["SHARING", "FullSelfAttention", "LinformerSelfAttention", "IMPLEMENTATIONS", "attention_weights",
            "default_block_rows", "default_implementation", "softmax_attention", "softmax_last"]
+
+
+def _check_decoding(decoding: bool, causal: bool) -> None:
+  """decoding=True is only for causal attention (a decoder has not seen the later positions)."""
+  check_bool("decoding", decoding)
+  if decoding and not causal:
+    raise ValueError("decoding=True (one position per call, from a cache) needs causal=True: without it every "
+                     "position attends to later ones, which a decoder has not seen yet.")
 
 
 class _MultiHead(nn.Module):
@@ -129,6 +140,21 @@ class _MultiHead(nn.Module):
       return None
     return lambda w: self.sow("intermediates", "attention_weights", w)
 
+  def _decode_position(self, x):
+    """decoding=True: the position t of this call's one token (the cache's counter, advanced unless initialising).
+
+    Positions at or after the cache length are not detected inside a jitted loop; ``linformer_jax.generate``
+    checks the length before it starts.
+    """
+    if x.ndim != 3 or x.shape[1] != 1:
+      raise ValueError(f"decoding=True takes one position per call: x must have shape (batch, 1, dim), got "
+                       f"{x.shape}.")
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    t = index.value
+    if not self.is_initializing():
+      index.value = t + 1
+    return t
+
   def _inputs(self, x, context, mask):
     if x.ndim != 3:
       raise ValueError(f"x must have shape (batch, n, dim), got {x.shape}.")
@@ -144,6 +170,9 @@ class FullSelfAttention(_MultiHead):
 
   Attributes:
     causal: position i attends only to positions <= i.
+    decoding: one position per call (autoregressive generation) against a key/value cache of ``max_len``
+      positions in the ``"cache"`` collection. Needs causal=True.
+    max_len: the cache length (decoding=True only).
     num_heads: number of heads h.
     head_dim: width d_h of each head; None = input dim // num_heads.
     qkv_bias: biases on the Q/K/V maps (ViT style; the Linformer original has none).
@@ -161,10 +190,29 @@ class FullSelfAttention(_MultiHead):
     param_dtype: the dtype parameters are stored in.
   """
   causal: bool = False
+  decoding: bool = False
+  max_len: Optional[int] = None
 
   def __post_init__(self):
     self._check_common()
+    _check_decoding(self.decoding, self.causal)
+    check_int("max_len", self.max_len, minimum=1, allow_none=True)
+    if self.decoding and self.max_len is None:
+      raise ValueError("decoding=True needs max_len, the number of positions its key/value cache holds.")
     super().__post_init__()
+
+  def _decode(self, x):
+    """decoding=True: position t attends to the key/value cache of positions <= t ((batch, max_len, heads, d))."""
+    t = self._decode_position(x)
+    q, k, v = self._qkv(x, x)
+    b, _, h, d = k.shape
+    keys = self.variable("cache", "keys", jnp.zeros, (b, self.max_len, h, d), k.dtype)
+    values = self.variable("cache", "values", jnp.zeros, (b, self.max_len, h, v.shape[-1]), v.dtype)
+    if not self.is_initializing():
+      keys.value = jax.lax.dynamic_update_slice_in_dim(keys.value, k, t, axis=1)
+      values.value = jax.lax.dynamic_update_slice_in_dim(values.value, v, t, axis=1)
+    seen = jnp.broadcast_to(jnp.arange(self.max_len)[None, :] <= t, (b, self.max_len))
+    return self._out(softmax_attention(q, keys.value, values.value, key_mask=seen), x.shape[-1])
 
   @nn.compact
   def __call__(self, x, context=None, mask=None, deterministic: bool = True):
@@ -179,6 +227,10 @@ class FullSelfAttention(_MultiHead):
     Returns:
       (batch, t, out_dim).
     """
+    if self.decoding:
+      if context is not None or mask is not None:
+        raise ValueError("decoding=True is causal self-attention over the cache: pass context=None, mask=None.")
+      return self._decode(x)
     context = self._inputs(x, context, mask)
     q, k, v = self._qkv(x, context)
     o = softmax_attention(q, k, v, key_mask=mask, is_causal=self.causal,
@@ -211,6 +263,12 @@ class LinformerSelfAttention(_MultiHead):
       None = the default for the backend and dtype (``default_implementation``).
     attention_block_rows: queries per block of the "xla" kernel; None = the backend's default
       (``default_block_rows``: blocks only for large scores on the CPU), 0 = never block.
+    causal: the exactly causal Linformer (``causal_linformer_attention``): position t attends to the projection
+      of positions <= t. Self-attention only; projection "learnable" or "fixed"; every sharing mode.
+    causal_chunk: positions per chunk of the causal computation (cost O(n (c + k) d) per head).
+    decoding: one position per call (autoregressive generation), from a state in the ``"cache"`` collection: the
+      sums of E[j]ᵀ k_j and F[j]ᵀ v_j over the positions so far, (batch, heads, k, d) each, whatever the context
+      length (``causal_linformer.decode_step``). Needs causal=True.
     dtype: the computation dtype (matmul operands).
     param_dtype: the dtype parameters are stored in.
 
@@ -234,16 +292,39 @@ class LinformerSelfAttention(_MultiHead):
   projection: str = "learnable"
   projection_bias: bool = False
   shared_projection: Optional[nn.Module] = None
+  causal: bool = False
+  causal_chunk: int = DEFAULT_CHUNK
+  decoding: bool = False
 
   def __post_init__(self):
     self._check_common()
     check_choice("sharing", self.sharing, SHARING)
     check_choice("projection", self.projection, PROJECTIONS)
     check_projected_length(self.k, self.max_len)
+    check_bool("causal", self.causal)
+    check_int("causal_chunk", self.causal_chunk, minimum=1)
+    if self.causal and self.projection not in CAUSAL_PROJECTIONS:
+      raise ValueError(f"projection={self.projection!r}: {CAUSAL_ERROR}")
+    _check_decoding(self.decoding, self.causal)
     if self.sharing == "layerwise" and self.shared_projection is None:
       raise ValueError("sharing='layerwise' needs shared_projection (the network-wide E=F); the Linformer "
                        "encoder passes it. Standalone layers use sharing 'none', 'headwise' or 'kv'.")
     super().__post_init__()
+
+  def _decode(self, t, q, k, v, e, f, e_bias, f_bias):
+    """decoding=True: position t from the (batch, heads, k, d) state of positions < t (``decode_step``)."""
+    b, _, h, d = q.shape
+    slots = e.shape[-1]
+    state = {"keys": self.variable("cache", "keys", jnp.zeros, (b, h, slots, d), jnp.float32),
+             "values": self.variable("cache", "values", jnp.zeros, (b, h, slots, v.shape[-1]), jnp.float32),
+             "visible": self.variable("cache", "visible", jnp.zeros, (h, slots), bool)}
+    row = lambda m: jax.lax.dynamic_index_in_dim(m, t, axis=m.ndim - 2, keepdims=False)  # E[t]: (…, k)
+    out, new = decode_step(q[:, 0], k[:, 0], v[:, 0], row(e), row(f), {n: s.value for n, s in state.items()},
+                           e_bias=e_bias, f_bias=f_bias)
+    if not self.is_initializing():
+      for name, var in state.items():
+        var.value = new[name]
+    return out[:, None]
 
   def _projections(self):
     make = lambda name, heads=None: SeqProjection(
@@ -271,6 +352,9 @@ class LinformerSelfAttention(_MultiHead):
     Returns:
       (batch, t, out_dim).
     """
+    if self.causal and context is not None:
+      raise ValueError("causal=True is self-attention (position t of x attends to positions <= t of x); "
+                       "pass context=None, or use causal=False for cross-attention.")
     context = self._inputs(x, context, mask)
     check_length("context" if context is not x else "x", context.shape[1], self.max_len)
     q, k, v = self._qkv(x, context)
@@ -278,6 +362,17 @@ class LinformerSelfAttention(_MultiHead):
       keep = mask[:, :, None, None]
       k, v = jnp.where(keep, k, 0), jnp.where(keep, v, 0)
     proj_e, proj_f = self._projections()
+    if self.causal:
+      (e, e_bias), (f, f_bias) = proj_e(k, matrix=True), proj_f(v, matrix=True)
+      if self.decoding:
+        return self._out(self._decode(self._decode_position(x), q, k, v, e, f, e_bias, f_bias), x.shape[-1])
+      n = k.shape[1]
+      e, f = e[..., :n, :], f[..., :n, :]
+      o = causal_linformer_attention(q, k, v, e, f, e_bias=e_bias, f_bias=f_bias, chunk=self.causal_chunk,
+                                     dropout_rate=self.attention_dropout,
+                                     dropout_rng=self._dropout_rng(deterministic), sow=self._sow_fn(),
+                                     head_remat_policy=self._kernel_kwargs()["head_remat_policy"])
+      return self._out(o, x.shape[-1])
     k_bar = checkpoint_name(proj_e(k), "k_bar")  # (b, k, h, d_h)
     v_bar = checkpoint_name(proj_f(v), "v_bar")
     # P̄ = softmax(Q K̄ᵀ / sqrt(d_h)): (b, h, t, k), sown as "attention_weights" when requested

@@ -1,7 +1,7 @@
 """Token and position embeddings."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -59,11 +59,13 @@ class TokenEmbedder(nn.Module):
       self.position = self.param("position", nn.initializers.normal(0.02), (self.max_len, self.dim),
                                  self.param_dtype)
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    """Embeds token ids and adds the position embedding of positions 0..n-1.
+  def __call__(self, tokens: jax.Array, offset: Optional[jax.Array] = None) -> jax.Array:
+    """Embeds token ids and adds the position embedding of positions 0..n-1 (offset … offset + n - 1).
 
     Args:
       tokens: int array (batch, n), n <= ``max_len``.
+      offset: None, or the position of the first token (an int scalar, may be traced; decoding one token at a
+        time). Positions past ``max_len`` are clamped to the table's end (not detected inside jit).
 
     Returns:
       (batch, n, dim) embeddings in ``dtype``.
@@ -77,9 +79,11 @@ class TokenEmbedder(nn.Module):
     n = tokens.shape[1]
     check_length("tokens", n, self.max_len)
     if self.pos_emb == "learned":
-      pos = self.position[:n]
+      table = self.position
     else:
-      pos = jnp.asarray(sinusoidal_positions(n, self.dim, self.pos_emb_base))
+      table = jnp.asarray(sinusoidal_positions(self.max_len if offset is not None else n, self.dim,
+                                               self.pos_emb_base))
+    pos = table[:n] if offset is None else jax.lax.dynamic_slice_in_dim(table, offset, n, axis=0)
     return self.token(tokens) + pos.astype(self.dtype)[None]
 
   def attend(self, h: jax.Array) -> jax.Array:

@@ -85,8 +85,22 @@ class SeqProjection(nn.Module):
     return () if self.num_heads is None else (self.num_heads,)
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: (batch, n, heads, head_dim), n <= max_len. Returns (batch, k, heads, head_dim)."""
+  def __call__(self, x: jax.Array, matrix: bool = False):
+    """Projects ``x`` along the sequence axis, or returns the matrix that would (``matrix=True``).
+
+    Args:
+      x: (batch, n, heads, head_dim), n <= max_len.
+      matrix: return ``(E, bias)`` instead of applying them: E = the whole learnable/fixed matrix,
+        (max_len, k) or (heads, max_len, k), in ``dtype`` (row j belongs to position j); bias (k,) or (heads, k),
+        or None without ``use_bias`` (the causal Linformer applies them itself).
+
+    Returns:
+      (batch, k, heads, head_dim), or ``(E, bias)`` with ``matrix=True``.
+
+    Raises:
+      ValueError: n > max_len, a head count other than ``num_heads``, or ``matrix=True`` with a conv/pooling
+        method (no matrix of positions).
+    """
     b, n, h, d = x.shape
     if n > self.max_len:
       raise ValueError(f"sequence length n={n} exceeds max_len={self.max_len} of the projection.")
@@ -94,6 +108,9 @@ class SeqProjection(nn.Module):
       raise ValueError(f"input has {h} heads, projection was built for num_heads={self.num_heads}.")
     per_head = self.num_heads is not None
     x = x.astype(self.dtype)
+    if matrix and self.method not in ("learnable", "fixed"):
+      raise ValueError(f"matrix=True needs method 'learnable' or 'fixed' (a matrix of positions), got "
+                       f"{self.method!r}.")
 
     if self.method in ("learnable", "fixed"):
       shape = self._lead() + (self.max_len, self.k)
@@ -104,12 +121,18 @@ class SeqProjection(nn.Module):
       else:
         e = self.variable(CONSTANTS, "kernel", lambda: fixed_projection_init(
             self.make_rng("params"), shape, self.param_dtype)).value
-      e = e[..., :n, :].astype(self.dtype)  # variable length: first n rows of E
-      # K̄_{j} = Σ_i E_{ij} K_i
-      y = jnp.einsum("bnhd,hnk->bkhd" if per_head else "bnhd,nk->bkhd", x, e)
+      e = e.astype(self.dtype)
+      bias = None
       if self.use_bias:
         bias = self.param("bias", nn.initializers.zeros, self._lead() + (self.k,), self.param_dtype)
-        y = y + (bias.T[None, :, :, None] if per_head else bias[None, :, None, None]).astype(self.dtype)
+        bias = bias.astype(self.dtype)
+      if matrix:
+        return e, bias
+      e = e[..., :n, :]  # variable length: first n rows of E
+      # K̄_{j} = Σ_i E_{ij} K_i
+      y = jnp.einsum("bnhd,hnk->bkhd" if per_head else "bnhd,nk->bkhd", x, e)
+      if bias is not None:
+        y = y + (bias.T[None, :, :, None] if per_head else bias[None, :, None, None])
       return y
 
     # conv / pooling: pad to max_len (variable length), then to s·k so there are exactly k windows.

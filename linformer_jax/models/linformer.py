@@ -24,26 +24,18 @@ import jax.numpy as jnp
 from linformer_jax._validate import (as_dtype, check_bool, check_choice, check_int, check_length, check_mask,
                                      check_rate)
 from linformer_jax.layers.attention import SHARING, FullSelfAttention, LinformerSelfAttention
+from linformer_jax.layers.causal_linformer import CAUSAL_ERROR, CAUSAL_PROJECTIONS, DEFAULT_CHUNK
 from linformer_jax.layers.dense import flat_dot_general
 from linformer_jax.layers.embeddings import POS_EMBS, TokenEmbedder
 from linformer_jax.layers.mlp import ACTIVATIONS, FeedForward
 from linformer_jax.layers.projections import CONSTANTS, PROJECTIONS, SeqProjection, check_projected_length
 from linformer_jax.layers.softmax_kernel import check_kernel_args
-from linformer_jax.remat import RematPlan
+from linformer_jax.remat import RematPlan, checkpoint_policy
 
 #: Values of the ``attention`` field: Linformer attention, or ordinary full softmax attention.
 ATTENTIONS = ("linformer", "full")
 #: Values of the ``norm`` field: pre-LN (with a final LayerNorm) or post-LN.
 NORMS = ("pre", "post")
-
-#: The ``ValueError`` message for ``causal=True`` with ``attention="linformer"``.
-CAUSAL_ERROR = (
-    "causal=True is not supported with attention='linformer': the projection E·K mixes all n positions "
-    "into every one of the k projected keys, so position i would see tokens after i. linformer-pytorch's "
-    "n×k 'causal' mask does not prevent this (changing the last token moves the output at position 0 by "
-    "≈0.1). Use attention='full' for an exactly causal stack (e.g. a decoder); an exactly causal Linformer "
-    "is future work.")
-
 
 class _Block(nn.Module):
   """One layer: attention sub-layer and (optionally) feed-forward sub-layer, pre- or post-LN.
@@ -62,19 +54,25 @@ class _Block(nn.Module):
   shared_projection: Optional[nn.Module] = None
   scanned: bool = False
 
-  def _attention(self, parent, name: str, attention: str, causal: bool = False) -> nn.Module:
-    """The attention layer of this block: the one place the config's fields reach the attention modules."""
+  def _attention(self, parent, name: str, attention: str, causal: bool = False,
+                 max_len: Optional[int] = None) -> nn.Module:
+    """The attention layer of this block: the one place the config's fields reach the attention modules.
+
+    ``max_len``: the positions a Linformer attention projects (default: the config's max_len; the decoder's
+    self-attention: the target length).
+    """
     c = self.config
+    max_len = max_len or c.max_len
     common = dict(num_heads=c.num_heads, head_dim=c.head_dim, w_o_intermediate_dim=c.w_o_intermediate_dim,
                   attention_dropout=c.attention_dropout, remat_heads=c.remat_plan.per_head,
                   remat_policy=c.remat_policy, attention_impl=c.attention_impl,
                   attention_block_rows=c.attention_block_rows, dtype=c.dtype, param_dtype=c.param_dtype,
                   name=name, parent=parent)
     if attention == "linformer":
-      return LinformerSelfAttention(max_len=c.max_len, k=self.k, sharing=c.sharing, projection=c.projection,
+      return LinformerSelfAttention(max_len=max_len, k=self.k, sharing=c.sharing, projection=c.projection,
                                     projection_bias=c.projection_bias, shared_projection=self.shared_projection,
-                                    **common)
-    return FullSelfAttention(causal=causal, **common)
+                                    causal=causal, causal_chunk=c.causal_chunk, decoding=c.decoding, **common)
+    return FullSelfAttention(causal=causal, decoding=c.decoding, max_len=max_len if c.decoding else None, **common)
 
   def _feed_forward(self, parent):
     c = self.config
@@ -130,6 +128,72 @@ class _ScannedBlock(_Block):
     return super().__call__(x, mask, deterministic), None
 
 
+_SCANNED_COLLECTIONS = {"params": 0, CONSTANTS: 0, "cache": 0}  # stacked on a leading depth axis by nn.scan
+
+
+def _scan_layers(block, length: int):
+  """``nn.scan`` of a (carry, x) → (carry, None) block over ``length`` layers; mask and deterministic broadcast."""
+  return nn.scan(block, variable_axes=_SCANNED_COLLECTIONS, split_rngs={"params": True, "dropout": True},
+                 in_axes=(nn.broadcast, nn.broadcast), length=length)
+
+
+class _Segment(nn.Module):
+  """``segment`` scanned layers as one module: the unit that √L segment checkpointing rematerialises."""
+  config: "LinformerConfig"
+  k: int
+  segment: int
+
+  @nn.compact
+  def __call__(self, x, mask=None, deterministic: bool = True):
+    block = self.config.remat_plan.layer(_ScannedBlock, static_argnums=(3,), scanned=True)
+    x, _ = _scan_layers(block, self.segment)(config=self.config, k=self.k, scanned=True, name="layers")(
+        x, mask, deterministic)
+    return x, None
+
+
+def _segment_view(segment: int):
+  """Maps the (depth, ...) stacked variables of the plain scan to the (depth / segment, segment, ...) layout of
+  the nested scan and back, so that the parameter tree does not depend on ``remat_every``."""
+  def split(collections):
+    return {name: {"layers": jax.tree_util.tree_map(lambda a: a.reshape((-1, segment) + a.shape[1:]), tree)}
+            for name, tree in collections.items()}
+
+  def merge(collections):
+    return {name: jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), tree.get("layers", {}))
+            for name, tree in collections.items()}
+
+  return split, merge
+
+
+def segment_length(remat_every, depth: int) -> Optional[int]:
+  """The number of layers per checkpointed segment that ``remat_every`` asks for (None = no segments).
+
+  Args:
+    remat_every: None, an int s that divides ``depth``, or "sqrt": the smallest divisor of ``depth`` that is
+      >= √depth (⌈√depth⌉ whenever that divides it), so that depth / s segment inputs plus the s layers of the
+      segment being recomputed are kept: activation memory grows as √depth.
+    depth: the number of layers.
+
+  Returns:
+    s, or None.
+
+  Raises:
+    ValueError: an s that does not divide ``depth`` (the message lists the divisors), or another string.
+    TypeError: neither None, an int nor a string.
+  """
+  if remat_every is None:
+    return None
+  divisors = [s for s in range(1, depth + 1) if depth % s == 0]
+  if isinstance(remat_every, str):
+    check_choice("remat_every", remat_every, ("sqrt",))
+    return min(s for s in divisors if s * s >= depth)
+  check_int("remat_every", remat_every, minimum=1)
+  if depth % remat_every:
+    raise ValueError(f"remat_every={remat_every} does not divide depth={depth}: the layers are checkpointed in "
+                     f"segments of equal length; use one of {divisors}, or 'sqrt'.")
+  return remat_every
+
+
 class _Derived:
   """What the layers need derived from the Linformer fields, stated once (``LinformerFields`` and
   ``LinformerConfig`` both have it)."""
@@ -177,7 +241,9 @@ class LinformerFields(_Derived, nn.Module):
     w_o_intermediate_dim: None, or w for a two-matrix output projection h·d_h → w → dim.
     dropout: dropout on sub-layer outputs and inside the feed-forward.
     attention_dropout: dropout on the attention weights.
-    causal: only with attention="full" (a Linformer cannot be causal, see ``CAUSAL_ERROR``).
+    causal: position t attends to positions <= t only. With attention="linformer" it is the exactly causal
+      Linformer (``linformer_jax.layers.causal_linformer``: the projection of the prefix; every sharing mode;
+      projection "learnable" or "fixed", else ``CAUSAL_ERROR``).
     remat: checkpoint level "C0" (none) | "C1" (each sub-layer rematerialised) | "C2" (each layer
       rematerialised, with the attention core one head at a time and the feed-forward in sequence chunks
       inside); see ``linformer_jax.remat``. The parameter tree does not depend on it.
@@ -190,6 +256,16 @@ class LinformerFields(_Derived, nn.Module):
       default for the backend and dtype (``linformer_jax.layers.default_implementation``).
     attention_block_rows: queries per block of that kernel (the "xla" one); None = the backend's default
       (``linformer_jax.layers.default_block_rows``: blocks only for large scores on the CPU), 0 = never block.
+    remat_every: √L segment checkpointing of scanned layers: None (off) | s (an int dividing depth) | "sqrt"
+      (``segment_length``). The layers run as depth / s segments of s under one ``jax.checkpoint`` each (a nested
+      scan), so the backward pass keeps the segment inputs and recomputes one segment at a time; the level
+      ``remat`` still applies inside a segment. Needs scan_layers=True; the parameter tree is unchanged.
+    causal_chunk: positions per chunk c of the causal Linformer (cost O(n (c + k) d) per head); only with
+      causal=True and attention="linformer".
+    decoding: one token per call with a ``"cache"`` collection, for autoregressive generation
+      (``linformer_jax.generate``): the causal Linformer carries a (batch, heads, k, d) state per layer, full
+      attention a key/value cache of max_len positions. Needs causal=True. The checkpoint level does not apply
+      when decoding (no gradients; the values are the same at every level).
   """
   max_len: int
   dim: int
@@ -216,6 +292,9 @@ class LinformerFields(_Derived, nn.Module):
   layer_norm_eps: float = 1e-5
   attention_impl: Optional[str] = None
   attention_block_rows: Optional[int] = None
+  causal_chunk: int = DEFAULT_CHUNK
+  decoding: bool = False
+  remat_every: Any = None
   #: The compute dtype ("float32" | "bfloat16" | "float16" names in a config, ``jnp.bfloat16`` etc. here):
   #: every matmul (embeddings, Q/K/V/O, E/F projections, attention einsums, feed-forward, LM head, tied
   #: ``attend``) runs on operands of this dtype, and activations between layers are stored in it.
@@ -245,7 +324,7 @@ class LinformerFields(_Derived, nn.Module):
     check_choice("norm", self.norm, NORMS)
     check_choice("activation", self.activation, tuple(ACTIVATIONS))
     RematPlan(self.remat, self.remat_policy)  # validates level and policy
-    for flag in ("projection_bias", "include_ff", "causal", "scan_layers"):
+    for flag in ("projection_bias", "include_ff", "causal", "scan_layers", "decoding"):
       check_bool(flag, getattr(self, flag))
     check_rate("dropout", self.dropout)
     check_rate("attention_dropout", self.attention_dropout)
@@ -264,8 +343,16 @@ class LinformerFields(_Derived, nn.Module):
       raise ValueError(f"k_reduce_by_layer={self.k_reduce_by_layer} cannot be used with "
                        "sharing='layerwise': one matrix shared by all layers has a single k. Use "
                        "sharing 'none', 'headwise' or 'kv', or k_reduce_by_layer=0.")
-    if self.causal and self.attention == "linformer":
-      raise ValueError(CAUSAL_ERROR)
+    check_int("causal_chunk", self.causal_chunk, minimum=1)
+    segment_length(self.remat_every, self.depth)
+    if self.remat_every is not None and not self.scan_layers:
+      raise ValueError(f"remat_every={self.remat_every!r} checkpoints segments of scanned layers: it needs "
+                       "scan_layers=True (remat C1/C2 checkpoint unscanned layers one at a time).")
+    if self.decoding and not self.causal:
+      raise ValueError("decoding=True (one token per call, from a cache) needs causal=True: a bidirectional model's "
+                       "every position attends to later tokens, which a decoder has not produced yet.")
+    if self.causal and self.attention == "linformer" and self.projection not in CAUSAL_PROJECTIONS:
+      raise ValueError(f"projection={self.projection!r}: {CAUSAL_ERROR}")
     if self.scan_layers and self.attention == "linformer" and (self.k_reduce_by_layer or
                                                                 self.sharing == "layerwise"):
       raise ValueError(
@@ -330,16 +417,24 @@ class Linformer(LinformerFields):
     """
     self._check_inputs(x, mask)
     config = self.config()
+    if self.decoding:  # no gradients: rematerialisation would change nothing
+      config = dataclasses.replace(config, remat="C0", remat_every=None)
     plan = config.remat_plan
     shared = self._shared_projection()
     if shared is not None and plan.level != "C0":
       _create_shared_variables(shared, self.max_len, self.num_heads, config.layer_head_dim)
-    if self.scan_layers:
+    segment = segment_length(config.remat_every, self.depth)
+    if self.scan_layers and segment is not None:
+      split, merge = _segment_view(segment)
+      checkpointed = nn.remat(_Segment, policy=checkpoint_policy("nothing_saveable"), static_argnums=(3,),
+                              prevent_cse=False)
+      segments = nn.map_variables(_scan_layers(checkpointed, self.depth // segment), tuple(_SCANNED_COLLECTIONS),
+                                  trans_in_fn=split, trans_out_fn=merge, init=True, mutable=True)
+      x, _ = segments(config=config, k=self.k, segment=segment, name="layers")(x, mask, deterministic)
+    elif self.scan_layers:
       block = plan.layer(_ScannedBlock, static_argnums=(3,), scanned=True)
-      scan = nn.scan(block, variable_axes={"params": 0, CONSTANTS: 0},
-                     split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast, nn.broadcast),
-                     length=self.depth)
-      x, _ = scan(config=config, k=self.k, scanned=True, name="layers")(x, mask, deterministic)
+      x, _ = _scan_layers(block, self.depth)(config=config, k=self.k, scanned=True, name="layers")(
+          x, mask, deterministic)
     else:
       block = plan.layer(_Block, static_argnums=(3,))
       for i, k_i in enumerate(config.k_per_layer()):
@@ -397,7 +492,13 @@ class LinformerLM(LinformerFields, kw_only=True):
     """
     embed = TokenEmbedder(self.vocab_size, self.dim, self.max_len, self.pos_emb, dtype=self.dtype,
                           param_dtype=self.param_dtype, name="embed")
-    x = nn.Dropout(self.dropout)(embed(tokens), deterministic=deterministic)
+    offset = None
+    if self.decoding:  # the position of this call's token: a counter in the cache
+      position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+      offset = position.value
+      if not self.is_initializing():
+        position.value = offset + tokens.shape[1]
+    x = nn.Dropout(self.dropout)(embed(tokens, offset), deterministic=deterministic)
     x = Linformer(**self.encoder_fields(), name="encoder")(x, mask, deterministic)
     if self.tie_embeddings:
       return embed.attend(x)
@@ -587,13 +688,22 @@ class LinformerClassifier(LinformerFields, kw_only=True):
 
 
 class _DecoderBlock(_Block):
-  """Causal full self-attention → Linformer cross-attention over the encoder output → feed-forward; fields as
-  ``_Block`` (``k``: the cross-attention's projected length)."""
+  """Causal self-attention → Linformer cross-attention over the encoder output → feed-forward; fields as
+  ``_Block`` (``k``: the projected length of both attentions) plus:
+
+  Attributes:
+    self_attention: "full" (causal softmax attention) | "linformer" (the exactly causal Linformer over the
+      target's ``target_len`` positions).
+    target_len: the longest target sequence.
+  """
+  self_attention: str = "full"
+  target_len: int = 1
 
   @nn.compact
   def __call__(self, y, enc, tgt_mask=None, src_mask=None, deterministic: bool = True):
-    self_attend = lambda block, h, tgt_mask: self._attention(block, "self_attention", "full", causal=True)(
-        h, None, tgt_mask, deterministic)
+    self_attend = lambda block, h, tgt_mask: self._attention(
+        block, "self_attention", self.self_attention, causal=True, max_len=self.target_len)(
+            h, None, tgt_mask, deterministic)
     cross_attend = lambda block, h, enc, src_mask: self._attention(block, "cross_attention", "linformer")(
         h, enc, src_mask, deterministic)
     y = self._sublayer(y, self_attend, "self_attention", deterministic, tgt_mask)
@@ -613,12 +723,16 @@ class LinformerEncDec(LinformerFields, kw_only=True):
     max_target_len: longest target sequence; None = max_len.
     decoder_depth: number of decoder layers; None = depth.
     pos_emb: "learned" | "sinusoidal" position embeddings of source and target.
+    decoder_self_attention: "full" (causal softmax attention, the default) | "linformer" (the exactly causal
+      Linformer, projecting the target's max_target_len positions to k: sharing "none", "headwise" or "kv";
+      projection "learnable" or "fixed").
   """
   vocab_size: int
   target_vocab_size: Optional[int] = None
   max_target_len: Optional[int] = None
   decoder_depth: Optional[int] = None
   pos_emb: str = "learned"
+  decoder_self_attention: str = "full"
 
   def __post_init__(self):
     check_int("vocab_size", self.vocab_size, minimum=1)
@@ -626,6 +740,17 @@ class LinformerEncDec(LinformerFields, kw_only=True):
     check_int("max_target_len", self.max_target_len, minimum=1, allow_none=True)
     check_int("decoder_depth", self.decoder_depth, minimum=1, allow_none=True)
     check_choice("pos_emb", self.pos_emb, POS_EMBS)
+    check_choice("decoder_self_attention", self.decoder_self_attention, ATTENTIONS)
+    if self.decoder_self_attention == "linformer":
+      target_len = self.max_target_len or self.max_len
+      if self.sharing == "layerwise":
+        raise ValueError("decoder_self_attention='linformer' needs sharing 'none', 'headwise' or 'kv': the "
+                         "network-wide E=F of sharing='layerwise' projects the source's max_len positions.")
+      if self.projection not in CAUSAL_PROJECTIONS:
+        raise ValueError(f"decoder_self_attention='linformer', projection={self.projection!r}: {CAUSAL_ERROR}")
+      if self.k > target_len:
+        raise ValueError(f"decoder_self_attention='linformer' projects the target's {target_len} positions "
+                         f"(max_target_len) to k={self.k}; k must be <= {target_len}.")
     super().__post_init__()
 
   def setup(self):
@@ -639,7 +764,9 @@ class LinformerEncDec(LinformerFields, kw_only=True):
                                      **kw) if self.sharing == "layerwise" else None)
     config = self.config()
     decoder_block = config.remat_plan.layer(_DecoderBlock, static_argnums=(5,))
-    self.decoder_layers = [decoder_block(config=config, k=k_i, shared_projection=self.decoder_EF)
+    self.decoder_layers = [decoder_block(config=config, k=k_i, shared_projection=self.decoder_EF,
+                                         self_attention=self.decoder_self_attention,
+                                         target_len=self.max_target_len or self.max_len)
                            for k_i in config.k_per_layer(depth)]
     self.decoder_ln = nn.LayerNorm(epsilon=self.layer_norm_eps, **kw) if self.norm == "pre" else None
     self.logits = nn.Dense(self.target_vocab_size or self.vocab_size, dot_general=flat_dot_general, **kw)

@@ -362,12 +362,13 @@ def test_layerwise_shares_one_matrix():
 # ----------------------------------------------------------------------------------------------------------
 # 9. causal
 # ----------------------------------------------------------------------------------------------------------
-def test_causal_linformer_raises_with_explanation():
+@pytest.mark.parametrize("projection", ["conv", "mean_pool", "max_pool"])
+def test_causal_linformer_without_position_matrix_raises_with_explanation(projection):
   with pytest.raises(ValueError) as info:
-    Linformer(**dict(CFG, causal=True))
+    Linformer(**dict(CFG, causal=True, projection=projection))
   msg = str(info.value)
-  assert msg == CAUSAL_ERROR
-  assert "causal" in msg and "attention='full'" in msg and "would see tokens after" in msg
+  assert msg == f"projection={projection!r}: {CAUSAL_ERROR}"
+  assert "causal" in msg and "'learnable'" in msg and "'fixed'" in msg and "attention='full'" in msg
 
 
 def test_causal_full_attention():

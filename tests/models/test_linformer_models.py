@@ -263,3 +263,22 @@ def test_encdec_grads_and_adam():
   assert "decoder_EF" in variables["params"] and "EF" in variables["params"]["encoder"]
   loss_fn = lambda params: xent(model.apply({"params": params}, src, shift_right(tgt)), tgt)
   check_grads_and_adam(loss_fn, variables["params"])
+
+
+def test_encdec_with_causal_linformer_decoder_self_attention():
+  model = LinformerEncDec(**dict(ENCDEC, max_target_len=10), decoder_self_attention="linformer")
+  src, tgt_in = tokens(30, (2, 12)), shift_right(tokens(31, (2, 10), 11))
+  variables = np_init(model, src, tgt_in)
+  attention = variables["params"]["decoder_layers_0"]["self_attention"]
+  assert attention["E"]["kernel"].shape[-2:] == (10, 5)  # the target's 10 positions projected to k = 5
+  logits = np.asarray(model.apply(variables, src, tgt_in))
+  # exact causality: changing target token j leaves every earlier position bit-for-bit unchanged
+  for j in (0, 4, 9):
+    changed = tgt_in.at[:, j].set((tgt_in[:, j] + 1) % 11)
+    out = np.asarray(model.apply(variables, src, changed))
+    np.testing.assert_array_equal(out[:, :j], logits[:, :j])
+    assert np.abs(out[:, j] - logits[:, j]).max() > 1e-4
+  with pytest.raises(ValueError, match="k must be <= 4"):
+    LinformerEncDec(**dict(ENCDEC, max_target_len=4), decoder_self_attention="linformer")
+  with pytest.raises(ValueError, match="sharing 'none', 'headwise' or 'kv'"):
+    LinformerEncDec(**dict(ENCDEC, sharing="layerwise"), decoder_self_attention="linformer")
