@@ -352,3 +352,45 @@ def test_precision(tmp_path, monkeypatch):
     assert bf16["step"].startswith("linformer_jax.steps.make_train_step")
   md = (tmp_path / "precision.md").read_text()
   assert "XLA:CPU has no bfloat16 matmul units" in md and "measured on a GPU" in md and "1.7×" in md
+
+
+def test_causal(tmp_path, monkeypatch):
+  """Causal Linformer vs causal full attention: train steps are the trainer's (mlm kind with next-token targets);
+  decoding's cache bytes are the Linformer's (batch, heads, k, d) float32 states (constant in the context) and the
+  full attention's (batch, n, heads, d) key/value cache (linear in it); ratios and targets follow from the rows."""
+  from experiments.bench_causal import SIZES, next_token_batch
+  kinds = _spy_on_train_steps(monkeypatch)
+  rows = run_bench("causal", tmp_path)
+  s = SIZES["tiny"]
+  g = s["geometry"]
+  train = [r for r in rows if r["section"] == "train step"]
+  decoding = [r for r in rows if r["section"] == "decoding"]
+  models = [f"linformer k={k}" for k in s["ks"]] + ["full"]
+  assert [(r["n"], r["model"]) for r in train] == [(n, m) for n in s["ns"] for m in models]
+  assert [(r["n"], r["model"]) for r in decoding] == [(n, m) for n in s["contexts"] for m in models]
+  assert kinds.count("mlm") == len(train) + sum(r["attention"] == "full" for r in train)  # + the unblocked twin
+  batch = next_token_batch(1, 8)
+  np.testing.assert_array_equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])  # next-token targets
+  assert batch["weights"][0, -1] == 0 and batch["weights"][0, :-1].min() == 1
+  for r in rows:
+    assert r["time_s"] > 0 and r["temp_bytes"] > 0 and not r["note"]
+  for r in train:
+    assert r["warmup_s"] > 0 and r["argument_bytes"] > 0
+    assert (r.get("temp_unblocked_bytes", 0) > 0) == (r["attention"] == "full")
+  by = {(r["section"], r["n"], r["model"]): r for r in rows}
+  d = g["dim"] // g["num_heads"]
+  for r in decoding:
+    per_layer = (2 * g["num_heads"] * r["k"] * d * 4 + g["num_heads"] * r["k"] if r["attention"] == "linformer"
+                 else 2 * r["n"] * g["num_heads"] * d * 4)
+    assert r["cache_bytes"] == g["depth"] * (per_layer + 4) + 4  # + each layer's index, the model's position
+    assert r["vs_shortest"] == pytest.approx(r["time_s"] / by[("decoding", s["contexts"][0], r["model"])]["time_s"],
+                                             rel=0.01)
+  for r in rows:
+    if r["attention"] == "linformer":
+      full = by[(r["section"], r["n"], "full")]
+      assert r["full_over_linformer_time"] == pytest.approx(full["time_s"] / r["time_s"], rel=0.01)
+      key = "cache_bytes" if r["section"] == "decoding" else "temp_bytes"
+      assert r["full_over_linformer_memory"] == pytest.approx(full[key] / r[key], rel=0.01)
+  md = (tmp_path / "causal.md").read_text()
+  assert "## Train step" in md and "## Decoding" in md and "≥ 4" not in md and ">= 4× faster" in md
+  assert md.count("✅") + md.count("❌") == 2 + 2 * len(s["ks"])  # the legend, then two verdicts per k
