@@ -43,7 +43,6 @@ Writes DIR/causal.{json,md,png}.
 """
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 import time
@@ -53,8 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.bench_common import (bench_parser, compile_fn, counted_memory, host_load, interleaved_median_times,
-                                      machine_info, markdown_table, memory_budget, on_accelerator, random_like,
-                                      sweep_mode, unblocked, write_plot)
+                                      markdown_table, memory_budget, on_accelerator, random_like, sweep_mode,
+                                      unblocked, write_outputs, write_plot)
 from experiments.bench_roofline import DonatingStep
 from linformer_jax import steps
 from linformer_jax.optim import default_optimizer_config, make_optimizer
@@ -329,20 +328,12 @@ def notes(mode: str, repeats: int) -> str:
 
 def write_report(out_dir, rows, text: str) -> pathlib.Path:
   """DIR/causal.json (rows, each with the machine) and DIR/causal.md (header as ``write_outputs``, two tables)."""
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  info = machine_info()
-  (out / f"{NAME}.json").write_text(json.dumps([dict(row, machine=info) for row in rows], indent=1))
-  device = f" ({info['devices'][0]}, float32 matmul precision {info['matmul_precision']})" if on_accelerator() else ""
-  header = (f"# Exactly causal Linformer: train step and decoding vs causal full attention\n\n"
-            f"Machine: {info['cpu']}, {info['cores']} cores, backend {info['backend']}{device}, jax {info['jax']}.\n\n")
   train = [r for r in rows if r["section"] == "train step"]
   dec = [r for r in rows if r["section"] == "decoding"]
-  (out / f"{NAME}.md").write_text(
-      header + text + "\n\n## Train step (forward + backward + Adafactor update)\n\n"
-      + markdown_table(train, TRAIN_COLUMNS) + "\n## Decoding (per generated token, at position n − 1)\n\n"
-      + markdown_table(dec, DECODE_COLUMNS))
-  return out
+  body = ("## Train step (forward + backward + Adafactor update)\n\n" + markdown_table(train, TRAIN_COLUMNS)
+          + "\n## Decoding (per generated token, at position n − 1)\n\n" + markdown_table(dec, DECODE_COLUMNS))
+  return write_outputs(out_dir, NAME, rows, [], "Exactly causal Linformer: train step and decoding vs causal full "
+                       "attention", notes=text, body=body)
 
 
 def plot(rows, path):

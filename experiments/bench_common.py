@@ -317,8 +317,9 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 
 
 def write_outputs(out_dir: str | os.PathLike, name: str, rows: list[dict], columns: Sequence[str],
-                  title: str, notes: str = "") -> pathlib.Path:
-  """Writes DIR/name.json (a list of row objects, each carrying the "machine" it ran on) and DIR/name.md."""
+                  title: str, notes: str = "", body: str | None = None) -> pathlib.Path:
+  """Writes DIR/name.json (a list of row objects, each carrying the "machine" it ran on) and DIR/name.md (the
+  header, the notes, then ``body`` if given — e.g. several tables — else one table of ``columns``)."""
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   info = machine_info()
@@ -326,5 +327,6 @@ def write_outputs(out_dir: str | os.PathLike, name: str, rows: list[dict], colum
   device = f" ({info['devices'][0]}, float32 matmul precision {info['matmul_precision']})" if on_accelerator() else ""
   header = (f"# {title}\n\nMachine: {info['cpu']}, {info['cores']} cores, backend {info['backend']}{device}, "
             f"jax {info['jax']}.\n\n")
-  (out / f"{name}.md").write_text(header + (notes + "\n\n" if notes else "") + markdown_table(rows, columns))
+  table = markdown_table(rows, columns) if body is None else body
+  (out / f"{name}.md").write_text(header + (notes + "\n\n" if notes else "") + table)
   return out
