@@ -68,7 +68,11 @@ class _Run:
 
 
 def _check_model_fits_data(model, info: dict, model_name: str) -> None:
-  """Image sizes vs the model's patch size, checked before tracing (the model itself checks at call time)."""
+  """Image sizes vs the model's patch size, and a causal-LM objective vs the model's causality, checked before
+  tracing (the model itself checks shapes at call time)."""
+  if info.get("objective") == "causal" and not getattr(model, "causal", False):
+    raise ValueError(f"data.objective='causal' scores each position on the next byte, which a model without "
+                     f"causal=True reads at its next position; set model.causal=True (model.name={model_name!r}).")
   patch = getattr(model, "patch_size", None)
   if info["kind"] == "image" and patch:
     h, w = info["image_shape"][:2]

@@ -26,8 +26,14 @@ Masking (BERT): each real (non-PAD) position is selected independently with prob
 and stays unchanged with 0.1. ``weights`` = 1.0 on selected positions. Train rows draw from
 ``default_rng([seed, 0, step, global_row])``, eval example i from ``default_rng([seed, 1, 0, i])``.
 
+Objective ``"causal"`` (a causal LM, next-byte prediction; ``objective="mlm"`` is the masking above): nothing is
+masked, ``inputs`` = the chunk, ``targets`` = the chunk shifted left by one (position t is scored on byte t + 1),
+``weights`` = 1 where that next byte is real — the last position of a chunk and padding are not scored. The batch
+keys are the same, so the "mlm" train step serves both; the model must then be causal (``causal=True``), or it
+would read the byte it predicts (the trainer refuses that).
+
 Baseline ``info["unigram_perplexity"]``: exp of the cross-entropy of the train chunks' byte unigram
-distribution (add-one smoothed over the 256 bytes) on the eval split's masked (weights = 1) targets.
+distribution (add-one smoothed over the 256 bytes) on the eval split's scored (weights = 1) targets.
 """
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from linformer_jax._validate import check_int, check_rate
+from linformer_jax._validate import check_choice, check_int, check_rate
 from linformer_jax.data.base import EVAL_STREAM, TRAIN_STREAM, Batch, Dataset, row_rng
 
 #: Token id of padding (ids 0..255 are the bytes).
@@ -56,6 +62,8 @@ TEXT_SUFFIXES = (".py", ".txt")
 DEFAULT_MAX_LEN = 512
 #: Default cap on the number of corpus bytes read.
 DEFAULT_MAX_BYTES = 20_000_000
+#: Training objectives: BERT masking, or next-byte prediction (a causal LM).
+OBJECTIVES = ("mlm", "causal")
 #: Default probability that a real position is selected for prediction.
 DEFAULT_MASK_RATE = 0.15
 #: Upper bound of the default number of eval chunks, ``min(MAX_DEFAULT_EVAL, max(1, C // 20))``.
@@ -161,6 +169,20 @@ def load_corpus(files: Sequence[str], max_bytes: int, cache_dir: Optional[str] =
   return arr
 
 
+def next_byte_row(tokens: np.ndarray):
+  """The causal-LM example of one row: position t predicts byte t + 1.
+
+  Args:
+    tokens: int32 (n,) byte ids, PAD_ID on padding.
+
+  Returns:
+    (inputs int32 (n,) = tokens, targets int32 (n,) = tokens shifted left with PAD_ID last, weights float32 (n,) =
+    1 where the target is a real byte).
+  """
+  targets = np.concatenate([tokens[1:], np.full((1,), PAD_ID, tokens.dtype)])
+  return tokens.copy(), targets, (targets != PAD_ID).astype(np.float32)
+
+
 def mask_row(tokens: np.ndarray, rng: np.random.Generator, mask_rate: float):
   """BERT masking of one row.
 
@@ -197,8 +219,9 @@ class MLMDataset(Dataset):
     max_len: chunk length.
     num_train, num_eval: chunks used (None = the defaults of the module docstring).
     cache_dir: where the corpus ``.npy`` is cached (None = no cache; `make_dataset` always passes one).
-    mask_rate: BERT selection rate.
+    mask_rate: BERT selection rate (objective "mlm").
     max_bytes: at most this many corpus bytes are read.
+    objective: "mlm" (BERT masking) | "causal" (next-byte prediction, for a causal LM).
   """
 
   EVAL_SPLITS = ("eval",)
@@ -206,13 +229,15 @@ class MLMDataset(Dataset):
   def __init__(self, *, path: Optional[str] = None, seed: int = 0, max_len: int = DEFAULT_MAX_LEN,
                num_train: Optional[int] = None, num_eval: Optional[int] = None,
                cache_dir: Optional[str] = None, mask_rate: float = DEFAULT_MASK_RATE,
-               max_bytes: int = DEFAULT_MAX_BYTES):
+               max_bytes: int = DEFAULT_MAX_BYTES, objective: str = "mlm"):
     check_int("data.seed", seed, minimum=0)
     check_int("data.max_len", max_len, minimum=1)
     check_int("data.num_train", num_train, minimum=1, allow_none=True)
     check_int("data.num_eval", num_eval, minimum=1, allow_none=True)
     check_int("data.max_bytes", max_bytes, minimum=1)
     check_rate("data.mask_rate", mask_rate, allow_zero=False)
+    check_choice("data.objective", objective, OBJECTIVES)
+    self.objective = objective
     self.files = list_files(path)
     corpus = load_corpus(self.files, max_bytes, cache_dir)
     if corpus.size == 0:
@@ -252,6 +277,7 @@ class MLMDataset(Dataset):
         "pad_id": PAD_ID,
         "mask_id": MASK_ID,
         "mask_rate": self.mask_rate,
+        "objective": self.objective,
         "corpus_bytes": self.corpus_bytes,
         "num_files": len(self.files),
     }
@@ -263,19 +289,26 @@ class MLMDataset(Dataset):
     total, num = 0.0, 0.0
     for i in range(self.eval_ids.size):
       tokens = self._chunks[self.eval_ids[i]].astype(np.int32)
-      _, w = mask_row(tokens, row_rng(self.seed, EVAL_STREAM, 0, i), self.mask_rate)
+      if self.objective == "causal":
+        _, targets, w = next_byte_row(tokens)
+      else:
+        targets = tokens
+        _, w = mask_row(tokens, row_rng(self.seed, EVAL_STREAM, 0, i), self.mask_rate)
       sel = w > 0
-      total -= float(logp[tokens[sel]].sum())
+      total -= float(logp[targets[sel]].sum())
       num += float(sel.sum())
     return float(np.exp(total / max(num, 1.0)))
 
   def _make(self, chunk_ids: np.ndarray, rngs) -> Batch:
-    targets = self._chunks[chunk_ids].astype(np.int32)
-    inputs = np.empty_like(targets)
-    weights = np.empty(targets.shape, dtype=np.float32)
+    tokens = self._chunks[chunk_ids].astype(np.int32)
+    if self.objective == "causal":
+      inputs, targets, weights = (np.stack(parts) for parts in zip(*(next_byte_row(row) for row in tokens)))
+      return {"inputs": inputs, "targets": targets, "weights": weights, "mask": inputs != PAD_ID}
+    inputs = np.empty_like(tokens)
+    weights = np.empty(tokens.shape, dtype=np.float32)
     for r, rng in enumerate(rngs):
-      inputs[r], weights[r] = mask_row(targets[r], rng, self.mask_rate)
-    return {"inputs": inputs, "targets": targets, "weights": weights, "mask": targets != PAD_ID}
+      inputs[r], weights[r] = mask_row(tokens[r], rng, self.mask_rate)
+    return {"inputs": inputs, "targets": tokens, "weights": weights, "mask": tokens != PAD_ID}
 
   def _train_examples(self, indices: np.ndarray, step: int, rows: np.ndarray) -> Batch:
     return self._make(self.train_ids[indices],

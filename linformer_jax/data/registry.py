@@ -68,7 +68,7 @@ def default_data_config(name: str) -> ml_collections.ConfigDict:
   """The data config of dataset `name`: `name` and its constructor's arguments with their defaults.
 
   listops: path, seed, max_len, num_train, num_eval, num_test, cache_dir, min_tree_length, max_tree_length,
-  max_depth, max_args; mlm: path, seed, max_len, num_train, num_eval, cache_dir, mask_rate, max_bytes;
+  max_depth, max_args; mlm: path, seed, max_len, num_train, num_eval, cache_dir, mask_rate, max_bytes, objective;
   digits / cifar10: path, seed, num_train, num_eval, image_size, augment, crop_padding (`data_fields(name)`).
   Fields whose default is None are typed placeholders (so ``--config.data.num_train=100`` parses).
   """

@@ -209,7 +209,8 @@ def test_unknown_name():
 EXPECTED_FIELDS = {
     "listops": {"name", "path", "seed", "max_len", "num_train", "num_eval", "num_test", "cache_dir",
                 "min_tree_length", "max_tree_length", "max_depth", "max_args"},
-    "mlm": {"name", "path", "seed", "max_len", "num_train", "num_eval", "cache_dir", "mask_rate", "max_bytes"},
+    "mlm": {"name", "path", "seed", "max_len", "num_train", "num_eval", "cache_dir", "mask_rate", "max_bytes",
+            "objective"},
     "digits": {"name", "path", "seed", "num_train", "num_eval", "image_size", "augment", "crop_padding"},
     "cifar10": {"name", "path", "seed", "num_train", "num_eval", "image_size", "augment", "crop_padding"},
 }

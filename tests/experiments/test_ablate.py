@@ -202,13 +202,13 @@ def test_every_arm_builds_a_valid_config(tmp_path):
 def test_sweeps_live_beside_their_configs():
   """ablate.SWEEPS is what the config modules' get_sweeps() return (in module-name order), nothing else."""
   found = {}
-  for module in ("digits_xcit", "listops", "mlm_linformer"):
+  for module in ("clm_linformer", "digits_xcit", "listops", "mlm_linformer"):
     for sweep in importlib.import_module(f"configs.{module}").get_sweeps():
       assert sweep.config.partition(":")[0].startswith(module) and sweep.name not in found
       found[sweep.name] = sweep
   assert list(found) == list(ablate.SWEEPS) and found == ablate.SWEEPS
   assert {"linformer_k", "linformer_n", "linformer_sharing", "linformer_projection", "linformer_nonuniform_k",
-          "lra_listops", "lra_listops_long", "xcit_components", "adafactor"} == set(found)
+          "lra_listops", "lra_listops_long", "xcit_components", "adafactor", "causal_lm"} == set(found)
 
 
 def test_lra_listops_long_equals_the_documented_commands():
