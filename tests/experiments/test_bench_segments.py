@@ -16,6 +16,7 @@ def test_segments(tmp_path):
     assert c0["temp_bytes"] > 0 and seg["temp_bytes"] > 0 and c0["step_time_s"] > 0
     assert seg["time_vs_c0"] == pytest.approx(seg["step_time_s"] / c0["step_time_s"], rel=0.01)
     assert seg["temp_vs_c0"] == pytest.approx(seg["temp_bytes"] / c0["temp_bytes"], rel=0.01)
+    assert 0 < c0["grad_temp_bytes"] and 0 < seg["grad_temp_bytes"]
   sqrt_rows = [r for r in rows if r["variant"] == "sqrt"]
   want = (math.log(sqrt_rows[1]["temp_bytes"]) - math.log(sqrt_rows[0]["temp_bytes"])) / (math.log(9) - math.log(4))
   md = (tmp_path / "segments.md").read_text()
