@@ -11,8 +11,9 @@ bad arguments). A thin CLI over ``linformer_jax.load_model`` and ``linformer_jax
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Optional, Sequence
+
+from experiments.cli import print_or_exit
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -52,11 +53,7 @@ def generate_text(args: argparse.Namespace) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   args = parse_args(argv)
-  try:
-    print(generate_text(args))
-  except (ValueError, TypeError, OSError) as err:
-    print(f"error: {type(err).__name__}: {' '.join(str(err).split())}", file=sys.stderr)
-    sys.exit(1)
+  print_or_exit(lambda: generate_text(args))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ arguments). A thin CLI over ``linformer_jax.runs.load_model`` and ``linformer_ja
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Optional, Sequence
 
 import numpy as np
+
+from experiments.cli import print_or_exit
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -59,11 +60,7 @@ def predict(args: argparse.Namespace) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   args = parse_args(argv)
-  try:
-    print(predict(args))
-  except (ValueError, TypeError, OSError) as err:
-    print(f"error: {type(err).__name__}: {' '.join(str(err).split())}", file=sys.stderr)
-    sys.exit(1)
+  print_or_exit(lambda: predict(args))
 
 
 if __name__ == "__main__":
