@@ -116,17 +116,17 @@ def _ratios(row):
   paper = PAPER_TABLE3.get((row["n"], row["k"]))
   row["paper_time_saved"], row["paper_mem_saved"] = paper if paper else (None, None)
   if row.get("time_full_s") and row.get("time_linformer_s"):
-    row["time_saved"] = round(row["time_full_s"] / row["time_linformer_s"], 2)
+    row["time_saved"] = round(row["time_full_s"] / row["time_linformer_s"], 3)
   if row.get("flops_full") and row.get("flops_linformer"):
-    row["flop_saved"] = round(row["flops_full"] / row["flops_linformer"], 2)
-  row["mem_saved"] = round(row["mem_full_bytes"] / row["mem_linformer_bytes"], 2)
-  row["temp_saved"] = round(row["temp_full_bytes"] / row["temp_linformer_bytes"], 2)
+    row["flop_saved"] = round(row["flops_full"] / row["flops_linformer"], 3)
+  row["mem_saved"] = round(row["mem_full_bytes"] / row["mem_linformer_bytes"], 3)
+  row["temp_saved"] = round(row["temp_full_bytes"] / row["temp_linformer_bytes"], 3)
   if row.get("rss_rise_full_bytes") and row.get("rss_rise_linformer_bytes"):
-    row["rss_saved"] = round(row["rss_rise_full_bytes"] / row["rss_rise_linformer_bytes"], 2)
+    row["rss_saved"] = round(row["rss_rise_full_bytes"] / row["rss_rise_linformer_bytes"], 3)
   if row.get("time_full_blocked_s") and row.get("time_linformer_s"):
-    row["time_saved_blocked"] = round(row["time_full_blocked_s"] / row["time_linformer_s"], 2)
+    row["time_saved_blocked"] = round(row["time_full_blocked_s"] / row["time_linformer_s"], 3)
   if row.get("mem_full_blocked_bytes"):
-    row["mem_saved_blocked"] = round(row["mem_full_blocked_bytes"] / row["mem_linformer_bytes"], 2)
+    row["mem_saved_blocked"] = round(row["mem_full_blocked_bytes"] / row["mem_linformer_bytes"], 3)
 
 
 def _print(row):
